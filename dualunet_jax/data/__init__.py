@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders without TensorFlow), targets, augmentation and the input pipeline."""
