@@ -19,3 +19,24 @@ TISSUE = 'tissue'
 MPP = 'mpp'
 
 KEYS = (IMAGE, INSTANCE_MAP, INSTANCE_CLASSES, NAME, TISSUE, MPP)
+
+
+def tfds_features():
+  """The TFDS feature spec of a record. Tensor/Text/Scalar features encode and decode without TensorFlow
+  (checked with tensorflow-datasets 4.9.10 and TensorFlow absent); `name` and `tissue` decode to bytes."""
+  import numpy as np
+  import tensorflow_datasets as tfds
+
+  return tfds.features.FeaturesDict({
+      IMAGE: tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding='zlib'),
+      INSTANCE_MAP: tfds.features.Tensor(shape=(None, None), dtype=np.int32, encoding='zlib'),
+      INSTANCE_CLASSES: tfds.features.Tensor(shape=(None,), dtype=np.int32),
+      NAME: tfds.features.Text(),
+      TISSUE: tfds.features.Text(),
+      MPP: tfds.features.Scalar(dtype=np.float32),
+  })
+
+
+def decode_text(value) -> str:
+  """`name` / `tissue` as str whether the source gives bytes (TFDS) or str (in-memory records)."""
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
