@@ -31,13 +31,25 @@ def fixtures_dir(shared_data) -> pathlib.Path:
 
 
 @pytest.fixture(scope='session')
-def consep_official(shared_data, tmp_path_factory) -> pathlib.Path:
-  """The real CoNSeP in its official layout (`Train/`, `Test/`), assembled once per test session (~1 min)."""
+def consep_official(shared_data) -> pathlib.Path:
+  """The real CoNSeP in its official layout (`Train/`, `Test/`), assembled once into `.data/CoNSeP`
+  (git-ignored, ~1 min) and reused by later runs. Built in a temporary folder and renamed into place, so
+  parallel test workers never see a half-written copy."""
+  import shutil
   import subprocess
   import sys
+  import tempfile
+  out = REPO / '.data' / 'CoNSeP'
+  if (out / 'Test' / 'Labels' / 'test_14.mat').is_file():
+    return out
   script = shared_data / 'consep' / 'assemble_consep.py'
   if not script.is_file():
     pytest.skip(f'{script} is absent')
-  out = tmp_path_factory.mktemp('consep') / 'CoNSeP'
-  subprocess.run([sys.executable, str(script), '--out', str(out)], check=True, capture_output=True)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix='.consep-'))
+  subprocess.run([sys.executable, str(script), '--out', str(tmp)], check=True, capture_output=True)
+  try:
+    tmp.rename(out)
+  except OSError:  # another worker finished first
+    shutil.rmtree(tmp, ignore_errors=True)
   return out
