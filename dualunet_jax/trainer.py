@@ -1,0 +1,205 @@
+"""The one training loop: jitted pure train step over a device mesh, Orbax checkpoints, validation, resume.
+
+    train_and_evaluate(config, workdir)
+
+Devices: one `Mesh` with a 'data' axis over all devices (all hosts after `jax.distributed.initialize()`).
+Batches are global arrays sharded on 'data'; parameters and optimizer state are replicated. BatchNorm
+statistics inside the jitted step are computed over the *global* batch (XLA inserts the cross-device
+reductions), i.e. synchronised BatchNorm. The reference used per-GPU statistics over 4 images (reference §6);
+with a global batch of 8 the two differ only in the noise of the batch statistics.
+"""
+
+import functools
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dualunet_jax import checkpointing, losses, metric_writers, models, optim
+from dualunet_jax.data import augment, pipeline, sources, targets
+
+CLASS_WEIGHTS_FILE = 'class_weights.json'
+
+
+def make_mesh() -> Mesh:
+  """All devices of all processes on one 'data' axis."""
+  return Mesh(np.asarray(jax.devices()), ('data',))
+
+
+def create_train_state(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int
+                       ) -> tuple[nnx.Module, nnx.Optimizer]:
+  model = models.build_model(config.model, num_classes, rngs=nnx.Rngs(config.seed))
+  if config.model.get('encoder_init'):
+    from dualunet_jax import convert  # torch / safetensors readers only when asked for
+    convert.load_encoder_weights(model, config.model.encoder_init)
+  optimizer = nnx.Optimizer(model, optim.make_optimizer(config.train, steps_per_epoch), wrt=nnx.Param)
+  return model, optimizer
+
+
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], key: jax.Array, *,
+               class_weights: jax.Array, augment_config: ml_collections.ConfigDict,
+               loss_config: ml_collections.ConfigDict) -> tuple[nnx.State, dict[str, jax.Array]]:
+  """One optimisation step; a pure function of (state, batch, key).
+
+  Args:
+    graphdef, state: `nnx.split((model, optimizer))`.
+    batch: image uint8[B, H, W, 3], class_map int32[B, H, W], density float32[B, H, W] (global arrays).
+    key: PRNG key of this step (augmentation).
+  Returns:
+    The new state and scalar metrics (loss parts, gradient norm, learning rate).
+  """
+  model, optimizer = nnx.merge(graphdef, state)
+  model.train()
+  batch = augment.augment_batch(key, batch, augment_config)
+
+  def loss_fn(model):
+    class_logits, density = model(batch['image'])
+    return losses.dual_loss(class_logits, density, batch['class_map'], batch['density'], class_weights,
+                            loss_config)
+
+  (_, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  optimizer.update(model, grads)
+  metrics = dict(parts, grad_norm=optax.global_norm(grads))
+  return nnx.state((model, optimizer)), metrics
+
+
+def class_weights_for(config: ml_collections.ConfigDict, source: Any, num_classes: int,
+                      workdir: pathlib.Path) -> np.ndarray:
+  """Inverse pixel-frequency class weights of the training split (background x factor), computed once
+  and cached in `W/class_weights.json` (reference §2: computed from the training set, saved, reused)."""
+  path = workdir / CLASS_WEIGHTS_FILE
+  if path.is_file():
+    return np.asarray(losses.load_class_weights(path), np.float32)
+  from tqdm import tqdm
+  counts = np.zeros(num_classes + 1, np.int64)
+  for i in tqdm(range(len(source)), desc='class weights', unit='tile', leave=False,
+                disable=jax.process_index() != 0):
+    record = source[i]
+    counts += losses.pixel_class_counts(
+        targets.class_map(record['instance_map'], record['instance_classes']), num_classes)
+  weights = losses.class_weights_from_counts(counts, config.loss.background_factor)
+  if jax.process_index() == 0:
+    losses.save_class_weights(path, weights, counts)
+  return np.asarray(weights, np.float32)
+
+
+def _is_eval_epoch(epoch: int, config: ml_collections.ConfigDict) -> bool:
+  """The reference validates after epoch 1, every `eval_every_epochs`, and after the last epoch."""
+  every = config.train.eval_every_epochs
+  return epoch == 1 or (every > 0 and epoch % every == 0) or epoch == config.train.epochs
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                       *, max_steps: int | None = None,
+                       on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+  """Trains (resuming from `workdir` when it holds checkpoints) and validates; returns the last validation
+  metrics. `max_steps` stops early (tests, smoke runs); `on_step(step)` is called after each step."""
+  from dualunet_jax import evaluation  # evaluation imports post-processing pools; keep import order simple
+
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = make_mesh()
+  if config.train.batch_size % mesh.size:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} is not divisible by the '
+                     f'{mesh.size} devices of the mesh')
+  num_classes, class_names, mpp = sources.dataset_info(config.dataset)
+  with config.unlocked():  # record what the data says, so eval/predict rebuild the same model
+    config.dataset.num_classes = num_classes
+    config.dataset.class_names = tuple(class_names)
+    config.dataset.mpp = float(mpp)
+  if jax.process_index() == 0:
+    checkpointing.save_config(workdir, config)
+
+  train_source = sources.load_source(config.dataset, config.dataset.train_split)
+  val_source = sources.load_source(config.dataset, config.dataset.val_split) if config.dataset.val_split else None
+  steps_per_epoch = config.train.steps_per_epoch or pipeline.steps_per_epoch(config, train_source)
+  total_steps = config.train.epochs * steps_per_epoch
+  class_weights = class_weights_for(config, train_source, num_classes, workdir)
+  logging.info('classes %s, weights %s, %d steps/epoch, %d steps', class_names, class_weights,
+               steps_per_epoch, total_steps)
+
+  model, optimizer = create_train_state(config, num_classes, steps_per_epoch)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    meta = ckpt.restore(model, optimizer)
+    start_step = int(meta['step'])
+    logging.info('resumed from %s at step %d', workdir, start_step)
+
+  replicated = NamedSharding(mesh, P())
+  graphdef, state = nnx.split((model, optimizer))
+  state = jax.device_put(state, replicated)
+  step_fn = jax.jit(functools.partial(
+      train_step, graphdef, class_weights=jnp.asarray(class_weights), augment_config=config.augment,
+      loss_config=config.loss), donate_argnums=(0,))
+
+  writer = metric_writers.MetricWriter(workdir)
+  loader = pipeline.train_loader(config, train_source, mesh=mesh, start_step=start_step)
+  base_key = jax.random.key(config.seed)
+  end_step = total_steps if max_steps is None else min(total_steps, max_steps)
+  val_metrics: dict[str, float] = {}
+
+  from tqdm import tqdm
+  bar = tqdm(total=end_step, initial=start_step, desc='train', unit='step', dynamic_ncols=True,
+             disable=jax.process_index() != 0)
+  window_start, window_images, pending = time.perf_counter(), 0, []
+  step = start_step
+  try:
+    while step < end_step:
+      batch = next(loader)
+      state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+      step += 1
+      pending.append(metrics)
+      window_images += config.train.batch_size
+      bar.update(1)
+      if on_step is not None:
+        on_step(step)
+      if step % config.train.log_every_steps == 0 or step == end_step:
+        scalars = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+        elapsed = time.perf_counter() - window_start
+        scalars['images_per_s'] = window_images / max(elapsed, 1e-9)
+        scalars['learning_rate'] = float(optim.lr_schedule(config.train, steps_per_epoch)(step - 1))
+        scalars['epoch'] = step / steps_per_epoch
+        writer.write(step, scalars, 'train')
+        bar.set_postfix(loss=f"{scalars['total']:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
+        window_start, window_images, pending = time.perf_counter(), 0, []
+
+      epoch_done = step % steps_per_epoch == 0
+      epoch = step // steps_per_epoch
+      if (epoch_done and val_source is not None and _is_eval_epoch(epoch, config)) or \
+         (step == end_step and val_source is not None and not val_metrics):
+        model, optimizer = nnx.merge(graphdef, state)
+        val_metrics = evaluation.evaluate(model, val_source, config, mesh=mesh,
+                                          max_images=config.eval.max_val_images, desc='validate')
+        writer.write(step, val_metrics, 'val')
+        value = val_metrics.get(config.train.best_metric)
+        meta = {'step': step, 'epoch': epoch, 'val': val_metrics}
+        if value is not None:
+          ckpt.maybe_save_best(step, model, optimizer, meta, float(value))
+        tqdm.write(f'step {step} (epoch {epoch}) validation: ' + ', '.join(
+            f'{k} {val_metrics[k]:.4f}' for k in ('f1_d', 'f1_c_mean', 'dice', 'bpq') if k in val_metrics))
+      every = config.train.checkpoint_every_epochs
+      if (epoch_done and every > 0 and epoch % every == 0) or step == end_step:
+        model, optimizer = nnx.merge(graphdef, state)
+        ckpt.save(step, model, optimizer, {'step': step, 'epoch': epoch})
+  except KeyboardInterrupt:
+    # Keep the work done so far: a resume continues from exactly this step.
+    if step > start_step:
+      model, optimizer = nnx.merge(graphdef, state)
+      ckpt.save(step, model, optimizer, {'step': step, 'epoch': step // steps_per_epoch, 'interrupted': True})
+      tqdm.write(f'interrupted: checkpoint saved at step {step}; run the same command to resume')
+    raise
+  finally:
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return val_metrics
