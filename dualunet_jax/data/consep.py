@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dualunet_jax.data import readers, schema
+from dualunet_jax.data import _common, readers
 from dualunet_jax.data.readers import DatasetError
 
 CLASS_NAMES = ('other', 'inflammatory', 'epithelial', 'spindle')
@@ -118,7 +118,7 @@ def iter_split(root: readers.PathLike, split: str) -> Iterator[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------- TFDS
 
 
-class Consep(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class Consep(_common.NucleiBuilder, skip_registration=True):
   """CoNSeP as TFDS (array_record), splits `train` and `test`, full 1000x1000 tiles."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -126,15 +126,11 @@ class Consep(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Download consep_dataset.zip from https://warwick.ac.uk/fac/cross_fac/tia/data/hovernet/ , unzip it '
       f'and set config.dataset.manual_dir to the unpacked folder:\n{LAYOUT}')
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=__doc__, features=schema.tfds_features(),
-        homepage='https://warwick.ac.uk/fac/cross_fac/tia/data/hovernet/',
-        citation='Graham et al., HoVer-Net, Medical Image Analysis 58 (2019) 101563.')
+  HOMEPAGE = 'https://warwick.ac.uk/fac/cross_fac/tia/data/hovernet/'
+  CITATION = 'Graham et al., HoVer-Net, Medical Image Analysis 58 (2019) 101563.'
 
   def _split_generators(self, dl_manager):
-    root = pathlib.Path(dl_manager.manual_dir)
+    root = self.manual_path(dl_manager)
     return {split: self._generate_examples(list_split(root, folder)) for split, folder in SPLITS.items()}
 
   def _generate_examples(self, pairs):
