@@ -1,0 +1,105 @@
+"""Evaluate a trained DualU-Net on a split and print every metric.
+
+    python -m dualunet_jax.eval --config=configs/consep.py --workdir=W [--split=test] [--checkpoint=best|last|STEP]
+    python -m dualunet_jax.eval --config=configs/consep.py --workdir=W --robustness     # paper, Appendix D
+    python -m dualunet_jax.eval --config=configs/consep.py --oracle --split=test         # no model: GT-derived maps
+
+Writes `W/eval/<split>.json` (all metrics, per-image counts), overlay PNGs (ground truth | prediction,
+outlines coloured by class) in `W/eval/<split>_overlays/`, and prints a table; the last stdout line is one
+JSON object with the headline metrics. The model (encoder, widths, classes, mpp) comes from `W/config.json`;
+the `--config` file supplies data locations and evaluation settings (post-processing, match radius).
+"""
+
+import json
+import pathlib
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=False)
+flags.DEFINE_string('workdir', None, 'Training workdir (holds config.json and checkpoints).')
+flags.DEFINE_string('split', None, 'Split to evaluate (default: config.dataset.test_split).')
+flags.DEFINE_string('checkpoint', 'best', "'best', 'last' or a step number.")
+flags.DEFINE_bool('oracle', False, 'Feed ground-truth-derived ideal maps through post-processing and metrics.')
+flags.DEFINE_bool('robustness', False, 'Stain/orientation robustness protocol: 5 perturbed copies, mean ± std.')
+flags.DEFINE_string('output', None, 'Output folder (default: W/eval, or workdirs/oracle with --oracle).')
+flags.mark_flag_as_required('config')
+
+HEADLINE = ('f1_d', 'f1_c_mean', 'dice', 'bpq', 'mpq', 'aji')
+
+
+def _merge_trained_config(config, workdir: pathlib.Path):
+  """The model-defining fields come from the training run, so the checkpoint always fits the model."""
+  from dualunet_jax import checkpointing
+  trained = checkpointing.load_config(workdir)
+  with config.unlocked():
+    config.model = trained.model
+    for key in ('num_classes', 'class_names', 'mpp'):
+      config.dataset[key] = trained.dataset[key]
+  return config
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from dualunet_jax import evaluation
+  from dualunet_jax.data import sources
+
+  config = FLAGS.config
+  split = FLAGS.split or config.dataset.test_split
+  if FLAGS.oracle:
+    from dualunet_jax import oracle
+    source = sources.load_source(config.dataset, split)
+    results = oracle.run_oracle(
+        (source[i] for i in range(len(source))), num_classes=config.dataset.num_classes,
+        targets_config=config.targets, postprocess_config=config.postprocess,
+        match_radius=config.eval.match_radius, workers=config.postprocess.workers)
+    out_dir = pathlib.Path(FLAGS.output or 'workdirs/oracle')
+    name = f'{config.dataset.name}_{split}_oracle'
+  else:
+    if not FLAGS.workdir:
+      raise app.UsageError('--workdir is required (or use --oracle)')
+    from dualunet_jax import checkpointing, models, trainer
+    from flax import nnx
+    workdir = pathlib.Path(FLAGS.workdir)
+    config = _merge_trained_config(config, workdir)
+    model = models.build_model(config.model, config.dataset.num_classes, rngs=nnx.Rngs(0))
+    meta = checkpointing.restore_model(workdir, model, FLAGS.checkpoint)
+    model.eval()
+    source = sources.load_source(config.dataset, split)
+    mesh = trainer.make_mesh()
+    out_dir = pathlib.Path(FLAGS.output or workdir / 'eval')
+    if FLAGS.robustness:
+      results = evaluation.evaluate_robustness(model, source, config, mesh=mesh)
+      name = f'{split}_robustness'
+    else:
+      per_image = []
+      results = evaluation.evaluate(model, source, config, mesh=mesh, overlays_dir=out_dir / f'{split}_overlays',
+                                    num_overlays=config.eval.num_overlays, per_image=per_image)
+      results['per_image'] = per_image
+      name = split
+    results['checkpoint_step'] = meta.get('step')
+
+  if jax.process_index() == 0:
+    evaluation.write_json(out_dir / f'{name}.json', results)
+    if FLAGS.robustness and not FLAGS.oracle:
+      for k in evaluation.ROBUSTNESS_KEYS:
+        print(f"  {k:<10s} {results[f'{k}_mean']:.4f} ± {results[f'{k}_std']:.4f}")
+      headline = {k: results[k] for k in results if k != 'runs'}
+    else:
+      print(f'{config.dataset.name} / {split}' + (' (oracle)' if FLAGS.oracle else ''))
+      print(evaluation.format_table(results, tuple(config.dataset.class_names)))
+      headline = {k: results[k] for k in results if isinstance(results[k], (int, float))}
+    print(f'wrote {out_dir / f"{name}.json"}', file=sys.stderr)
+    print(json.dumps(headline, sort_keys=True))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

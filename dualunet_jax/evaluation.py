@@ -1,0 +1,244 @@
+"""Evaluation of a model on a split: device inference, host post-processing in worker processes overlapped
+with the device, dataset-level metrics, overlays, and the paper's stain-robustness protocol.
+
+    evaluate(model, source, config) -> {'f1_d': ..., 'f1_c_mean': ..., 'dice': ..., 'bpq': ..., ...}
+"""
+
+import collections
+import json
+import os
+import pathlib
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dualunet_jax import metrics as metrics_lib
+from dualunet_jax import postprocess as postprocess_lib
+from dualunet_jax.data import schema
+
+# The paper's robustness protocol (Appendix D): random dihedral view + HED perturbation, 5 repetitions.
+ROBUSTNESS_REPEATS = 5
+ROBUSTNESS_KEYS = ('f1_d', 'f1_c_mean', 'dice')
+
+Forward = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def make_forward(model: nnx.Module) -> Forward:
+  """A jitted `images float|uint8[B, H, W, 3] -> (class_probs float32[B, H, W, K+1], density float32[B, H, W])`
+  of `model` in eval mode (softmax applied, density raw as the reference's post-processing expects)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, images):
+    m = nnx.merge(graphdef, state)
+    m.eval()
+    class_logits, density = m(images)
+    return jax.nn.softmax(class_logits, axis=-1), density
+
+  return lambda images: forward(state, images)
+
+
+def _batches(source: Any, indices: list[int], batch_size: int,
+             transform: Callable[[dict, int], dict] | None) -> Iterator[list[dict]]:
+  """Consecutive records of equal image shape, at most `batch_size` per batch (tiles may differ in size)."""
+  batch: list[dict] = []
+  for i in indices:
+    record = source[i]
+    if transform is not None:
+      record = transform(record, i)
+    if batch and (len(batch) == batch_size or batch[0][schema.IMAGE].shape != record[schema.IMAGE].shape):
+      yield batch
+      batch = []
+    batch.append(record)
+  if batch:
+    yield batch
+
+
+def _to_device(images: np.ndarray, mesh: Mesh | None) -> tuple[jax.Array, int]:
+  """Pads the batch to a multiple of the mesh size (repeating the last image) and shards it on 'data'."""
+  n = len(images)
+  if mesh is None or mesh.size == 1:
+    return jnp.asarray(images), n
+  pad = -n % mesh.size
+  if pad:
+    images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+  return jax.device_put(images, NamedSharding(mesh, P('data'))), n
+
+
+def predict_maps(forward: Forward, source: Any, config: ml_collections.ConfigDict, *, mesh: Mesh | None = None,
+                 indices: list[int] | None = None, transform: Callable[[dict, int], dict] | None = None,
+                 ) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
+  """Yields (record, class_probs float32[H, W, K+1], density float32[H, W]) for each record, in order.
+  The next batch is dispatched to the device before the current one is copied back (asynchronous dispatch)."""
+  indices = list(range(len(source))) if indices is None else indices
+  pending = None
+  for batch in _batches(source, indices, config.eval.batch_size, transform):
+    images, n = _to_device(np.stack([r[schema.IMAGE] for r in batch]), mesh)
+    outputs = forward(images)
+    if pending is not None:
+      yield from _emit(*pending)
+    pending = (batch, outputs, n)
+  if pending is not None:
+    yield from _emit(*pending)
+
+
+def _emit(batch, outputs, n):
+  probs, density = jax.device_get(outputs)
+  for j in range(n):
+    yield batch[j], np.asarray(probs[j], np.float32), np.asarray(density[j], np.float32)
+
+
+def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.ConfigDict, *,
+             mesh: Mesh | None = None, max_images: int = 0, overlays_dir: str | os.PathLike | None = None,
+             num_overlays: int = 0, transform: Callable[[dict, int], dict] | None = None,
+             desc: str = 'evaluate', per_image: list | None = None) -> dict[str, float]:
+  """Dataset-level metrics of `model` on `source` (metrics.py documents each average).
+
+  Post-processing runs in `config.postprocess.workers` processes while the device computes the next batch.
+  `transform(record, index)` rewrites each record first (robustness views). `per_image`, when a list, receives
+  one dict per image (name, counts of GT and predicted nuclei).
+  """
+  from tqdm import tqdm
+
+  forward = make_forward(model) if isinstance(model, nnx.Module) else model
+  num_classes = config.dataset.num_classes
+  n = len(source) if not max_images else min(max_images, len(source))
+  accumulator = metrics_lib.MetricsAccumulator(num_classes, match_radius=config.eval.match_radius,
+                                               class_names=tuple(config.dataset.class_names))
+  overlays = pathlib.Path(overlays_dir) if overlays_dir and num_overlays else None
+  if overlays is not None:
+    overlays.mkdir(parents=True, exist_ok=True)
+  kwargs = postprocess_lib.from_config(config.postprocess)
+  window = collections.deque()
+  with postprocess_lib.PostProcessor(config.postprocess.workers, **kwargs) as processor:
+
+    def drain(limit):
+      while len(window) > limit:
+        index, record, future, probs = window.popleft()
+        instances = future.result()
+        accumulator.add(record[schema.INSTANCE_MAP], record[schema.INSTANCE_CLASSES], instances)
+        if per_image is not None:
+          per_image.append({'name': schema.decode_text(record[schema.NAME]),
+                            'n_gt': int(len(record[schema.INSTANCE_CLASSES])),
+                            'n_pred': int(len(instances.classes)),
+                            'pred_counts': [int(c) for c in instances.counts]})
+        if overlays is not None and index < num_overlays:
+          save_overlay(overlays / f'{index:04d}_{schema.decode_text(record[schema.NAME])}.png', record, instances,
+                       num_classes)
+
+    bar = tqdm(total=n, desc=desc, unit='img', leave=False, disable=jax.process_index() != 0)
+    for index, (record, probs, density) in enumerate(
+        predict_maps(forward, source, config, mesh=mesh, indices=list(range(n)), transform=transform)):
+      window.append((index, record, processor.submit(probs, density), None))
+      drain(limit=4 * max(1, processor.workers))  # bounded: host memory stays flat
+      bar.update(1)
+    drain(limit=0)
+    bar.close()
+  return accumulator.result()
+
+
+# ------------------------------------------------------------------------------------------- overlays
+
+CLASS_COLOURS = np.array([(0, 0, 0), (255, 0, 0), (0, 200, 0), (0, 90, 255), (255, 200, 0), (200, 0, 255),
+                          (0, 220, 220), (255, 120, 0)], np.uint8)
+
+
+def class_colour(c: int) -> tuple[int, int, int]:
+  return tuple(int(v) for v in CLASS_COLOURS[c % len(CLASS_COLOURS)])
+
+
+def _outline(image: np.ndarray, instance_map: np.ndarray, class_of_label: np.ndarray) -> np.ndarray:
+  from skimage.segmentation import find_boundaries
+  out = image.copy()
+  edges = find_boundaries(instance_map, mode='inner')
+  out[edges] = CLASS_COLOURS[class_of_label[instance_map[edges]] % len(CLASS_COLOURS)]
+  return out
+
+
+def save_overlay(path: pathlib.Path, record: dict, instances: Any, num_classes: int) -> None:
+  """Side by side: ground-truth outlines | predicted outlines, coloured by class."""
+  from PIL import Image
+  image = record[schema.IMAGE]
+  if image.dtype != np.uint8:
+    image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+  gt_classes = np.concatenate([[0], np.asarray(record[schema.INSTANCE_CLASSES])])
+  pred_classes = np.concatenate([[0], np.asarray(instances.classes)])
+  gap = np.full((image.shape[0], 8, 3), 255, np.uint8)
+  panel = np.concatenate([_outline(image, record[schema.INSTANCE_MAP], gt_classes), gap,
+                          _outline(image, instances.instance_map, pred_classes)], axis=1)
+  tmp = path.with_suffix('.tmp.png')
+  Image.fromarray(panel).save(tmp)
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------- robustness
+
+def robustness_transform(config: ml_collections.ConfigDict, repeat: int) -> Callable[[dict, int], dict]:
+  """Record -> a random dihedral view with HED perturbation (paper Appendix D: scale U(0.98, 1.02), shift
+  U(-0.02, 0.02)), deterministic in (seed, repeat, index). Ground truth is transformed with the image."""
+  from dualunet_jax.data import augment, targets
+
+  aug = ml_collections.ConfigDict({'flips': True, 'rot90': True, 'hed_scale': 0.02, 'hed_shift': 0.02,
+                                   'color_jitter': 0.0, 'blur_sigma': 0.0, 'elastic_alpha': 0.0,
+                                   'elastic_sigma': 8.0})
+  key = jax.random.fold_in(jax.random.key(config.seed + 1000), repeat)
+
+  def transform(record: dict, index: int) -> dict:
+    inst = record[schema.INSTANCE_MAP]
+    batch = {'image': record[schema.IMAGE][None], 'instance_map': inst[None],
+             'class_map': targets.class_map(inst, record[schema.INSTANCE_CLASSES])[None],
+             'density': np.zeros((1,) + inst.shape, np.float32)}
+    out = augment.augment_batch(jax.random.fold_in(key, index), batch, aug)
+    return dict(record, image=np.asarray(out['image'][0]), instance_map=np.asarray(out['instance_map'][0]))
+
+  return transform
+
+
+def evaluate_robustness(model: nnx.Module, source: Any, config: ml_collections.ConfigDict, *,
+                        mesh: Mesh | None = None) -> dict[str, Any]:
+  """Mean ± std over `ROBUSTNESS_REPEATS` perturbed copies of the split of F1d, mean F1c and Dice."""
+  forward = make_forward(model)
+  runs = []
+  for r in range(ROBUSTNESS_REPEATS):
+    runs.append(evaluate(forward, source, config, mesh=mesh, transform=robustness_transform(config, r),
+                         desc=f'robustness {r + 1}/{ROBUSTNESS_REPEATS}'))
+  summary = {}
+  for k in ROBUSTNESS_KEYS:
+    values = np.array([run[k] for run in runs], np.float64)
+    summary[f'{k}_mean'] = float(values.mean())
+    summary[f'{k}_std'] = float(values.std())
+  summary['runs'] = runs
+  return summary
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+def format_table(results: dict[str, float], class_names: tuple[str, ...]) -> str:
+  """A plain-text table: the headline metrics, then precision/recall/F1 per class."""
+  lines = []
+  headline = [('detection F1', 'f1_d'), ('detection precision', 'precision_d'), ('detection recall', 'recall_d'),
+              ('mean class F1', 'f1_c_mean'), ('Dice (binary)', 'dice'), ('pixel accuracy', 'pixel_accuracy'),
+              ('AJI', 'aji'), ('bPQ', 'bpq'), ('bDQ', 'bdq'), ('bSQ', 'bsq'), ('mPQ (PanNuke)', 'mpq'),
+              ('mPQ (pooled, reference)', 'mpq_pooled'), ('mPQ+ (CoNIC)', 'mpq_plus'), ('R² counts', 'r2')]
+  for label, key in headline:
+    if key in results and results[key] is not None:
+      lines.append(f'  {label:<26s} {results[key]:.4f}')
+  lines.append(f"  {'class':<16s} {'F1':>7s} {'prec':>7s} {'recall':>7s} {'PQ':>7s}")
+  for name in class_names:
+    cells = [results.get(f'{m}_{name}') for m in ('f1_c', 'precision_c', 'recall_c', 'pq')]
+    lines.append(f'  {name:<16s} ' + ' '.join(f'{v:7.4f}' if isinstance(v, float) else f"{'-':>7s}"
+                                                for v in cells))
+  return '\n'.join(lines)
+
+
+def write_json(path: pathlib.Path, payload: dict) -> None:
+  """Atomic JSON write (temporary file, then rename)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix('.json.tmp')
+  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
+  os.replace(tmp, path)
