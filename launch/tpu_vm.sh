@@ -11,7 +11,7 @@ REPO=https://example.invalid/your-fork/dualunet-jax.git  # replace with your clo
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command="
   set -e
   test -d dualunet-jax || git clone $REPO dualunet-jax
-  cd dualunet-jax && pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
+  cd dualunet-jax && pip install -q -e . 'jax[tpu]'
   python -m dualunet_jax.train --distributed --config=configs/pannuke.py --workdir=$WORKDIR \
     --config.train.batch_size=64 $*
 "
