@@ -1,15 +1,16 @@
 """Training targets from instance maps: the per-pixel class map and the Gaussian centroid density map.
 
 Host side (numpy / scipy): used by the input pipeline, the oracle and evaluation. Everything is vectorised
-over instances (`np.bincount`, `scipy.ndimage` label-wise reductions), so a 1000x1000 CoNSeP tile with ~600
-nuclei costs a few milliseconds plus one Gaussian filter.
+over instances (`np.bincount`, `scipy.ndimage` label-wise reductions), so both targets of a 1000x1000 CoNSeP tile
+with ~600 nuclei take well under 0.1 s on one core (most of it the Gaussian filter).
 
 Reference (`../shared/reference/dualunet_reference.md` §3.5):
 - `segmentation_mask` [K+1, H, W]: channel `label` += instance mask, channel 0 = 1 - clamp(sum, max 1). With a
   non-overlapping instance map (what every dataset here stores) overlap counts of 2 cannot happen and that
   tensor is exactly `one_hot(class_map, K + 1)`, so we store the int32 class map and one-hot it on device.
-- `centroid_gaussian` [H, W]: a unit delta at the floored (clamped) centre of each nucleus, `+= 1` accumulated,
-  `scipy.ndimage.gaussian_filter(sigma, mode='reflect', truncate=4.0)` in float32, divided by the global max.
+- `centroid_gaussian` [H, W]: a unit delta at the floored (clamped) centre of each nucleus, accumulated with
+  `+= 1`, `scipy.ndimage.gaussian_filter(sigma, mode='reflect', truncate=4.0)` in float32, divided by the
+  global max.
   The reference centres are bounding-box centres (`centroid='bbox'`); the paper describes centres of mass
   (`centroid='mass'`, our default, see `config.targets.centroid`).
 
@@ -97,8 +98,8 @@ def instance_centroids(instance_map: np.ndarray, method: CentroidMethod = 'mass'
   # 'bbox': find_objects is one C pass over the map; the list -> array conversion is O(N) and trivial.
   out = np.full((n, 2), np.nan, np.float64)
   slices = ndi.find_objects(instance_map, max_label=n)
-  box = np.array([(s[0].start, s[0].stop - 1, s[1].start, s[1].stop - 1) if s is not None else (-1, -1, -1, -1)
-                  for s in slices], np.float64).reshape(-1, 4)
+  box = np.array([(s[0].start, s[0].stop - 1, s[1].start, s[1].stop - 1) if s is not None
+                  else (-1, -1, -1, -1) for s in slices], np.float64).reshape(-1, 4)
   ok = box[:, 0] >= 0
   out[ok, 0] = box[ok, 0] + (box[ok, 1] - box[ok, 0]) / 2
   out[ok, 1] = box[ok, 2] + (box[ok, 3] - box[ok, 2]) / 2
@@ -140,7 +141,8 @@ def density_map(points: np.ndarray, shape: tuple[int, int], sigma: float) -> np.
   return out
 
 
-def density_from_instances(instance_map: np.ndarray, sigma: float, centroid: CentroidMethod = 'mass') -> np.ndarray:
+def density_from_instances(instance_map: np.ndarray, sigma: float,
+                           centroid: CentroidMethod = 'mass') -> np.ndarray:
   """`density_map` of the centres of the instances of `instance_map` (any non-negative ids; relabelled
   internally). Returns float32[H, W]."""
   relabelled, _ = relabel_contiguous(instance_map)
@@ -190,7 +192,8 @@ def make_targets(instance_map: np.ndarray, instance_classes: np.ndarray, *, sigm
     {'class_map': int32[H, W] (0..K), 'density': float32[H, W] (peak 1, zeros without nuclei)}.
   """
   instance_map = _as_instance_map(instance_map)
-  classes = class_map(instance_map, instance_classes, unlabelled_class=unlabelled_class, num_classes=num_classes)
+  classes = class_map(instance_map, instance_classes, unlabelled_class=unlabelled_class,
+                      num_classes=num_classes)
   points = instance_centroids(instance_map, centroid)
   if points.size and np.isnan(points).any():
     raise ValueError('instance_map ids are not contiguous (some id in 1..N is absent); relabel_contiguous it')
