@@ -1,8 +1,8 @@
 """Training targets from instance maps: the per-pixel class map and the Gaussian centroid density map.
 
 Host side (numpy / scipy): used by the input pipeline, the oracle and evaluation. Everything is vectorised
-over instances (`np.bincount`, `scipy.ndimage` label-wise reductions), so both targets of a 1000x1000 CoNSeP tile
-with ~600 nuclei take well under 0.1 s on one core (most of it the Gaussian filter).
+over instances (`np.bincount`, `scipy.ndimage` label-wise reductions), so both targets of a 1000x1000
+CoNSeP tile with ~600 nuclei take well under 0.1 s on one core (most of it the Gaussian filter).
 
 Reference (`../shared/reference/dualunet_reference.md` §3.5):
 - `segmentation_mask` [K+1, H, W]: channel `label` += instance mask, channel 0 = 1 - clamp(sum, max 1). With a
