@@ -40,7 +40,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+import tensorflow_datasets as tfds
+
 from dualunet_jax.data import schema
+from dualunet_jax.data._common import NucleiBuilder
 
 MPP = 0.5
 TISSUE = 'synthetic'
@@ -433,3 +436,83 @@ def make_records(n: int, *, seed: int = 0, size: int = 256, num_classes: int = 3
                  split: str = 'train') -> list[dict[str, Any]]:
   """The first `n` records of a split, in memory (for tests and quick experiments)."""
   return [render_tile(seed, size=size, num_classes=num_classes, index=i, split=split) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------- TFDS
+
+
+def config_name(*, train_size: int, test_size: int, tile_size: int, num_classes: int, seed: int) -> str:
+  """The BuilderConfig name, e.g. `train512_test64_size256_k3_seed42`: every parameter is in it, so prepared
+  datasets with different parameters never share a directory."""
+  return f'train{train_size}_test{test_size}_size{tile_size}_k{num_classes}_seed{seed}'
+
+
+@dataclasses.dataclass(eq=False)
+class SyntheticConfig(tfds.core.BuilderConfig):
+  """Parameters of one synthetic dataset; build it with `make_config` so the name matches them."""
+  train_size: int = 512
+  test_size: int = 64
+  tile_size: int = 256
+  num_classes: int = 3
+  seed: int = 0
+
+
+def make_config(*, train_size: int = 512, test_size: int = 64, tile_size: int = 256, num_classes: int = 3,
+                seed: int = 0) -> SyntheticConfig:
+  """A config named after its parameters (the predefined instance where one matches, as TFDS requires)."""
+  if not 1 <= num_classes <= MAX_CLASSES:
+    raise ValueError(f'num_classes must be in 1..{MAX_CLASSES}, got {num_classes}')
+  if train_size < 0 or test_size < 0 or tile_size < 16:
+    raise ValueError(f'bad synthetic sizes: train {train_size}, test {test_size}, tile {tile_size}')
+  params = dict(train_size=int(train_size), test_size=int(test_size), tile_size=int(tile_size),
+                num_classes=int(num_classes), seed=int(seed))
+  name = config_name(**params)
+  for predefined in Synthetic.BUILDER_CONFIGS:
+    if predefined.name == name:
+      return predefined
+  return SyntheticConfig(name=name, description=f'Synthetic H&E nuclei: {params}', **params)
+
+
+class Synthetic(NucleiBuilder, skip_registration=True):
+  """Synthetic H&E nuclei tiles (see the module docstring); splits `train` and `test`.
+
+  Records need no download: `_generate_examples` renders them with `render_tile(seed, split=..., index=i)`,
+  and record i of a prepared split is tile i (the base class disables TFDS's key shuffle).
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First renderer: 5 nucleus types, clusters, fibrous stroma, lumen, RBCs.'}
+  # The default experiment (configs/default.py: 512 / 64 tiles of 256 px, K = 3, config.seed = 42).
+  BUILDER_CONFIGS = [SyntheticConfig(name=config_name(train_size=512, test_size=64, tile_size=256,
+                                                      num_classes=3, seed=42),
+                                     description='configs/default.py', seed=42)]
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    cfg = self.builder_config
+    return {'train': self._generate_examples('train', cfg.train_size),
+            'test': self._generate_examples('test', cfg.test_size)}
+
+  def _generate_examples(self, split: str, num: int):
+    cfg = self.builder_config
+    for i in range(num):
+      yield i, render_tile(cfg.seed, size=cfg.tile_size, num_classes=cfg.num_classes, index=i, split=split)
+
+
+def builder_from_config(dataset_config, data_dir: str, seed: int | None = None) -> Synthetic:
+  """The `Synthetic` builder (array_record) for `config.dataset`: fields `synthetic_train_size`,
+  `synthetic_test_size`, `synthetic_tile_size`, `num_classes`. `seed` is usually the top-level
+  `config.seed`; when None, the dataset config's `synthetic_seed` or `seed` field, else 0.
+  Then `.download_and_prepare()` and `.as_data_source(split)`."""
+  if seed is None:
+    get = getattr(dataset_config, 'get', lambda key, default: getattr(dataset_config, key, default))
+    seed = get('synthetic_seed', get('seed', 0))
+  config = make_config(train_size=dataset_config.synthetic_train_size, test_size=dataset_config.synthetic_test_size,
+                       tile_size=dataset_config.synthetic_tile_size, num_classes=dataset_config.num_classes,
+                       seed=seed)
+  return Synthetic(config=config, data_dir=str(data_dir), file_format='array_record')
+
+
+def get_builder(dataset_config, data_dir: str, seed: int | None = None) -> Synthetic:
+  """`builder_from_config` under the name `sources.get_builder` looks for."""
+  return builder_from_config(dataset_config, data_dir, seed)
