@@ -412,3 +412,15 @@ def test_sources_errors(tmp_path):
   assert sources.dataset_info(_config('conic', tmp_path))[:2] == (6, lizard.CLASS_NAMES)
   assert sources.dataset_info(_config('monuseg', tmp_path)) == (1, ('nucleus',), 0.25)
   assert sources.dataset_info(_config('pannuke', tmp_path)) == (5, pannuke.CLASS_NAMES, 0.25)
+
+
+def test_sources_synthetic_and_reuse(tmp_path):
+  cfg = _config('synthetic', tmp_path, synthetic_train_size=1, synthetic_test_size=1, synthetic_tile_size=32,
+                num_classes=3)
+  record = sources.load_source(cfg, 'test', seed=1)[0]
+  _check(record, 3)
+  assert sources.dataset_info(cfg) == (3, ('lymphocyte', 'epithelial', 'spindle'), 0.5)
+  # A prepared dataset is read again without its manual_dir.
+  _write_consep(tmp_path / 'raw', np.random.default_rng(10))
+  assert len(sources.load_source(_config('consep', tmp_path / 'tfds', tmp_path / 'raw'), 'test')) == 1
+  assert len(sources.load_source(_config('consep', tmp_path / 'tfds', ''), 'test')) == 1

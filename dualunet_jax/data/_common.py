@@ -7,13 +7,26 @@ them directly, which avoids name clashes with TFDS's own catalogue or between re
 
 from __future__ import annotations
 
+import importlib.resources
+import importlib.resources.abc
 import inspect
 import pathlib
+import sys
 
 import tensorflow_datasets as tfds
 from etils import epath
 
 from dualunet_jax.data import schema
+
+
+def ensure_importlib_resources() -> None:
+  """Lets builders that keep TFDS's default `code_path` (e.g. `synthetic.Synthetic`) prepare on TF-free
+  installs: TFDS imports `importlib_resources` there without declaring it; the standard library's
+  `importlib.resources` (Python >= 3.11) has the one attribute it reads (`abc.Traversable`)."""
+  try:
+    import importlib_resources  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    sys.modules['importlib_resources'] = importlib.resources
 
 
 class NucleiBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

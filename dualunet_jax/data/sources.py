@@ -20,6 +20,7 @@ import importlib
 import pathlib
 from typing import Any
 
+from dualunet_jax.data import _common
 from dualunet_jax.data.readers import DatasetError
 
 # name -> (module, builder class); modules are imported on demand (synthetic is optional at import time).
@@ -44,24 +45,18 @@ def _name(dataset_config) -> str:
   return str(dataset_config.name).lower()
 
 
-def _synthetic_builder(module, dataset_config, data_dir: str):
-  """The synthetic builder from `config.dataset.synthetic_*` (module owned by the synthetic dataset)."""
-  if hasattr(module, 'get_builder'):
-    return module.get_builder(dataset_config, data_dir=data_dir)
-  config = module.make_builder_config(
-      train_size=int(dataset_config.synthetic_train_size), test_size=int(dataset_config.synthetic_test_size),
-      size=int(dataset_config.synthetic_tile_size), num_classes=int(dataset_config.num_classes),
-      seed=int(dataset_config.get('synthetic_seed', 42)))
-  return module.Synthetic(config=config, data_dir=data_dir, file_format='array_record')
+def get_builder(dataset_config, seed: int | None = None) -> Any:
+  """The TFDS builder for `dataset_config.name`, writing to / reading from `dataset_config.data_dir`.
 
-
-def get_builder(dataset_config) -> Any:
-  """The TFDS builder for `dataset_config.name`, writing to / reading from `dataset_config.data_dir`."""
+  `seed` only matters for `synthetic` (pass the top-level `config.seed`; default: `config.dataset.seed` if
+  set, else 0), whose records and builder config name depend on it.
+  """
   name = _name(dataset_config)
   module = _module(name)
   data_dir = str(pathlib.Path(dataset_config.data_dir).expanduser())
   if name == 'synthetic':
-    return _synthetic_builder(module, dataset_config, data_dir)
+    _common.ensure_importlib_resources()
+    return module.builder_from_config(dataset_config, data_dir=data_dir, seed=seed)
   cls = getattr(module, BUILDERS[name][1])
   if name == 'folder':
     if not dataset_config.manual_dir:
@@ -73,11 +68,11 @@ def get_builder(dataset_config) -> Any:
   return cls(data_dir=data_dir, file_format='array_record')
 
 
-def prepare(dataset_config) -> Any:
+def prepare(dataset_config, seed: int | None = None) -> Any:
   """`get_builder` and, when not yet prepared, `download_and_prepare` from `dataset_config.manual_dir`."""
   import tensorflow_datasets as tfds
 
-  builder = get_builder(dataset_config)
+  builder = get_builder(dataset_config, seed)
   if builder.is_prepared() or _name(dataset_config) == 'synthetic':
     if not builder.is_prepared():
       builder.download_and_prepare()
@@ -97,13 +92,13 @@ def prepare(dataset_config) -> Any:
   return builder
 
 
-def load_source(dataset_config, split: str) -> Any:
+def load_source(dataset_config, split: str, seed: int | None = None) -> Any:
   """A random-access source (`len`, `[i]` -> record dict with numpy arrays, `name`/`tissue` as bytes).
 
   Prepares the dataset on first use (see `prepare`); raises `DatasetError` for an unknown split, naming the
   splits there are.
   """
-  builder = prepare(dataset_config)
+  builder = prepare(dataset_config, seed)
   splits = sorted(builder.info.splits.keys())
   if split not in splits:
     raise DatasetError(f'dataset {_name(dataset_config)!r} has no split {split!r}; it has {", ".join(splits)}')
