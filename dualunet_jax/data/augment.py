@@ -1,0 +1,252 @@
+"""Device-side training augmentation: jittable, vmapped over the batch, one PRNG key per step.
+
+`augment_batch(key, batch, augment_config)` takes the host pipeline's batch (uint8 image, int32 class and
+instance maps, float32 density) and returns the augmented batch with the image as float32 in [0, 1].
+ImageNet mean/std normalisation is done inside the model, not here.
+
+Geometry (flips, rot90, elastic) moves image, class map, instance map and density together, so targets stay
+aligned with the pixels. Why the targets are computed on the host *before* augmentation rather than here:
+the Gaussian rendering is cheap in scipy and depends on the crop (centroids of the visible part of each
+nucleus), and the dihedral transforms commute with the reference's rendering (a delta at the floored
+centroid filtered with a symmetric, reflect-mode Gaussian, divided by its max): transforming the rendered map
+equals rendering at the transformed centroid except for the 1-px floor. A flip maps a centroid x to
+W - 1 - x, and the rendered peak sits at W - 1 - floor(x) instead of floor(W - 1 - x): identical for integer
+centroids, one pixel apart for fractional ones (the same +-1 px order as the reference's own box quirk, §3.4).
+Elastic deformation resamples the density bilinearly: peaks move with the displacement field and their
+heights change slightly (the map is not re-rendered or re-normalised).
+
+rot90: `k` in 0..3 for square crops. For non-square crops a quarter turn would change the shape, so only
+k in {0, 2} is drawn there (a half turn; with flips on this adds nothing new, documented rather than raised).
+
+All randomness is per sample from `jax.random.split(key, B)`; no Python branching on traced values. Any
+augmentation whose config strength is 0 (or flag False) is skipped at trace time.
+"""
+
+from collections.abc import Mapping
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Ruifrok & Johnston stain vectors, exactly skimage.color.rgb_from_hed / hed_from_rgb.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float64)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+_LOG_ADJUST = float(np.log(1e-6))  # skimage's optical-density scale: OD / -log(1e-6)
+
+_MAP_KEYS = ('class_map', 'instance_map')  # nearest-neighbour resampled
+Batch = dict[str, jax.Array]
+
+
+def _get(config: Any, name: str, default: Any) -> Any:
+  if isinstance(config, Mapping):
+    return config.get(name, default)
+  return getattr(config, name, default)
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def _dihedral(x: jax.Array, hflip: jax.Array, vflip: jax.Array, k: jax.Array, square: bool) -> jax.Array:
+  """rot90(k) . vflip . hflip of one sample `x: [H, W, ...]` (bools / int32 scalars, traced).
+
+  rot90 is transpose + flips (np.rot90: k=1 -> flip(x^T, 0), k=2 -> flip both, k=3 -> flip(x^T, 1)), so the
+  whole dihedral group costs a few selects rather than a switch over four rotated copies.
+  """
+  x = jnp.where(hflip, jnp.flip(x, 1), x)
+  x = jnp.where(vflip, jnp.flip(x, 0), x)
+  if square:
+    x = jnp.where(k % 2 == 1, jnp.swapaxes(x, 0, 1), x)
+  x = jnp.where((k == 1) | (k == 2), jnp.flip(x, 0), x)
+  x = jnp.where((k == 2) | (k == 3), jnp.flip(x, 1), x)
+  return x
+
+
+def _gaussian_kernel(sigma: jax.Array | float, radius: int) -> jax.Array:
+  """Normalised 1-D Gaussian float32[2 * radius + 1] (sigma may be traced; the radius is static)."""
+  t = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  sigma = jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-3)  # sigma -> 0 gives a delta, not NaN
+  k = jnp.exp(-0.5 * (t / sigma) ** 2)
+  return k / k.sum()
+
+
+def _smooth_2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Gaussian smoothing of `x: float32[H, W, C]` as two 1-D convolutions (large radii: conv, not unrolled)."""
+  r = (kernel.shape[0] - 1) // 2
+  c = x.shape[-1]
+  xp = jnp.pad(x, ((r, r), (r, r), (0, 0)), mode='edge')[None]  # [1, H+2r, W+2r, C]
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  ky = jnp.tile(kernel[:, None, None, None], (1, 1, 1, c))
+  kx = jnp.tile(kernel[None, :, None, None], (1, 1, 1, c))
+  y = jax.lax.conv_general_dilated(xp, ky, (1, 1), 'VALID', dimension_numbers=dn, feature_group_count=c)
+  y = jax.lax.conv_general_dilated(y, kx, (1, 1), 'VALID', dimension_numbers=dn, feature_group_count=c)
+  return y[0]
+
+
+def _elastic_field(key: jax.Array, shape: tuple[int, int], alpha: jax.Array, sigma: float) -> jax.Array:
+  """Smooth random displacement float32[H, W, 2] (dy, dx) in pixels with RMS `alpha` per component.
+
+  Simard et al.: U(-1, 1) noise smoothed by a Gaussian of `sigma`; divided by its analytic standard deviation
+  (sqrt(1/3 * sum(k2d^2)), k2d the 2-D kernel) so that `alpha` reads directly as pixels.
+  """
+  kernel = _gaussian_kernel(sigma, _radius(sigma))
+  noise = jax.random.uniform(key, (*shape, 2), jnp.float32, -1.0, 1.0)
+  field = _smooth_2d(noise, kernel)
+  std = jnp.sqrt((jnp.sum(kernel ** 2) ** 2) / 3.0)
+  return field * (alpha / std)
+
+
+def _sample_bilinear(x: jax.Array, yy: jax.Array, xx: jax.Array) -> jax.Array:
+  """x: [H, W, ...] sampled at float coords yy, xx: [H, W] (clamped to the border)."""
+  h, w = x.shape[:2]
+  yy = jnp.clip(yy, 0.0, h - 1.0)
+  xx = jnp.clip(xx, 0.0, w - 1.0)
+  y0 = jnp.floor(yy).astype(jnp.int32)
+  x0 = jnp.floor(xx).astype(jnp.int32)
+  y1 = jnp.minimum(y0 + 1, h - 1)
+  x1 = jnp.minimum(x0 + 1, w - 1)
+  wy = (yy - y0).reshape(yy.shape + (1,) * (x.ndim - 2))
+  wx = (xx - x0).reshape(xx.shape + (1,) * (x.ndim - 2))
+  top = x[y0, x0] * (1 - wx) + x[y0, x1] * wx
+  bottom = x[y1, x0] * (1 - wx) + x[y1, x1] * wx
+  return top * (1 - wy) + bottom * wy
+
+
+def _sample_nearest(x: jax.Array, yy: jax.Array, xx: jax.Array) -> jax.Array:
+  h, w = x.shape[:2]
+  yi = jnp.clip(jnp.round(yy), 0, h - 1).astype(jnp.int32)
+  xi = jnp.clip(jnp.round(xx), 0, w - 1).astype(jnp.int32)
+  return x[yi, xi]
+
+
+# ---------------------------------------------------------------------------------------------- colour
+def rgb_to_hed(rgb: jax.Array) -> jax.Array:
+  """skimage.color.rgb2hed without its clamp of negative stains to 0 (so hed_to_rgb inverts it exactly).
+
+  rgb: float32[..., 3] in [0, 1] -> float32[..., 3] stain concentrations (optical density / -log(1e-6)).
+  """
+  od = jnp.log(jnp.maximum(rgb, 1e-6)) / _LOG_ADJUST
+  return od @ jnp.asarray(HED_FROM_RGB, jnp.float32)
+
+
+def hed_to_rgb(hed: jax.Array) -> jax.Array:
+  """skimage.color.hed2rgb: float32[..., 3] stains -> float32[..., 3] RGB clipped to [0, 1]."""
+  log_rgb = (hed * _LOG_ADJUST) @ jnp.asarray(RGB_FROM_HED, jnp.float32)
+  return jnp.clip(jnp.exp(log_rgb), 0.0, 1.0)
+
+
+def _hed_jitter(key: jax.Array, image: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
+  """Per-channel HED scale ~ U(1 - scale, 1 + scale) and shift ~ U(-shift, shift) (paper App. D)."""
+  ks, kt = jax.random.split(key)
+  a = jax.random.uniform(ks, (3,), jnp.float32, 1.0 - scale, 1.0 + scale)
+  b = jax.random.uniform(kt, (3,), jnp.float32, -shift, shift)
+  return hed_to_rgb(rgb_to_hed(image) * a + b)
+
+
+def _grayscale(image: jax.Array) -> jax.Array:
+  return image @ jnp.asarray([0.299, 0.587, 0.114], jnp.float32)
+
+
+def _color_jitter(key: jax.Array, image: jax.Array, strength: jax.Array) -> jax.Array:
+  """Brightness, contrast, saturation factors each ~ U(1 - s, 1 + s), applied in that fixed order."""
+  kb, kc, ks = jax.random.split(key, 3)
+  lo, hi = jnp.maximum(0.0, 1.0 - strength), 1.0 + strength
+  image = jnp.clip(image * jax.random.uniform(kb, (), jnp.float32, lo, hi), 0.0, 1.0)
+  mean = jnp.mean(_grayscale(image))
+  c = jax.random.uniform(kc, (), jnp.float32, lo, hi)
+  image = jnp.clip(mean + c * (image - mean), 0.0, 1.0)
+  gray = _grayscale(image)[..., None]
+  s = jax.random.uniform(ks, (), jnp.float32, lo, hi)
+  return jnp.clip(gray + s * (image - gray), 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- per sample
+def _augment_one(key: jax.Array, sample: Batch, strengths: dict[str, jax.Array], static: tuple) -> Batch:
+  """One sample: image float32[H, W, 3] in [0, 1] plus maps [H, W]; returns the same layout."""
+  flips, rot90, hed, color, blur_radius, elastic_sigma = static
+  k_geo, k_rot, k_el, k_hed, k_col, k_blur = jax.random.split(key, 6)
+  image = sample['image']
+  h, w = image.shape[:2]
+  out = dict(sample)
+
+  # Dihedral transforms: exact, applied identically to every spatial array.
+  if flips or rot90:
+    kh, kv = jax.random.split(k_geo)
+    hflip = jax.random.bernoulli(kh) if flips else jnp.bool_(False)
+    vflip = jax.random.bernoulli(kv) if flips else jnp.bool_(False)
+    square = h == w
+    if rot90:
+      k = jax.random.randint(k_rot, (), 0, 4) if square else 2 * jax.random.randint(k_rot, (), 0, 2)
+    else:
+      k = jnp.int32(0)
+    for name in out:
+      out[name] = _dihedral(out[name], hflip, vflip, k, square)
+
+  if elastic_sigma:
+    field = _elastic_field(k_el, (h, w), strengths['elastic_alpha'], elastic_sigma)
+    gy, gx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing='ij')
+    yy, xx = gy + field[..., 0], gx + field[..., 1]
+    for name in out:
+      sampler = _sample_nearest if name in _MAP_KEYS else _sample_bilinear
+      out[name] = sampler(out[name], yy, xx)
+
+  image = out['image']
+  if hed:
+    image = _hed_jitter(k_hed, image, strengths['hed_scale'], strengths['hed_shift'])
+  if color:
+    image = _color_jitter(k_col, image, strengths['color_jitter'])
+  if blur_radius:
+    sigma = jax.random.uniform(k_blur, (), jnp.float32, 0.0, strengths['blur_sigma'])
+    image = _smooth_2d(image, _gaussian_kernel(sigma, blur_radius))
+  out['image'] = image
+  return out
+
+
+def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], augment_config: Any) -> Batch:
+  """Random augmentation of a training batch, consistent across image and targets.
+
+  Args:
+    key: one PRNG key for the whole step (split per sample inside).
+    batch: {'image': uint8[B, H, W, 3], 'class_map': int32[B, H, W], 'density': float32[B, H, W],
+      'instance_map': int32[B, H, W] (optional)}; any other [B, H, W, ...] array is moved with the geometry
+      (nearest resampling only for class/instance maps; bilinear otherwise).
+    augment_config: `config.augment` (ConfigDict or mapping): flips, rot90 (bools), hed_scale, hed_shift,
+      color_jitter, blur_sigma, elastic_alpha (RMS displacement, pixels), elastic_sigma (smoothness, pixels).
+      Read at trace time: pass it as a closure / static argument under `jax.jit`.
+
+  Returns:
+    The same keys; 'image' float32[B, H, W, 3] in [0, 1] (uint8 input is divided by 255; float input is taken
+    as already in [0, 1]); maps keep their dtypes.
+  """
+  cfg = {
+      'flips': bool(_get(augment_config, 'flips', False)),
+      'rot90': bool(_get(augment_config, 'rot90', False)),
+      'hed_scale': float(_get(augment_config, 'hed_scale', 0.0)),
+      'hed_shift': float(_get(augment_config, 'hed_shift', 0.0)),
+      'color_jitter': float(_get(augment_config, 'color_jitter', 0.0)),
+      'blur_sigma': float(_get(augment_config, 'blur_sigma', 0.0)),
+      'elastic_alpha': float(_get(augment_config, 'elastic_alpha', 0.0)),
+      'elastic_sigma': float(_get(augment_config, 'elastic_sigma', 8.0)),
+  }
+  # Static: what is on and the kernel radii (shapes); traced: the strengths, so changing a strength (or a
+  # test sweeping them) does not recompile.
+  static = (cfg['flips'], cfg['rot90'], cfg['hed_scale'] > 0 or cfg['hed_shift'] > 0, cfg['color_jitter'] > 0,
+            _radius(cfg['blur_sigma']) if cfg['blur_sigma'] > 0 else 0,
+            cfg['elastic_sigma'] if cfg['elastic_alpha'] > 0 else 0.0)
+  strengths = {k: jnp.float32(cfg[k]) for k in ('hed_scale', 'hed_shift', 'color_jitter', 'blur_sigma',
+                                                  'elastic_alpha')}
+  return _augment_jit(key, dict(batch), strengths, static)
+
+
+def _radius(sigma: float) -> int:
+  return max(1, int(np.ceil(3.0 * sigma)))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _augment_jit(key: jax.Array, batch: Batch, strengths: dict[str, jax.Array], static: tuple) -> Batch:
+  # Jitted so eager callers compile once per configuration and shape; inside an outer jit this inlines.
+  image = batch['image']
+  if image.dtype == jnp.uint8:
+    image = image.astype(jnp.float32) / 255.0
+  batch['image'] = image.astype(jnp.float32)
+  keys = jax.random.split(key, image.shape[0])
+  return jax.vmap(lambda k, s: _augment_one(k, s, strengths, static), in_axes=(0, 0))(keys, batch)
