@@ -73,10 +73,11 @@ def _write_consep(root: pathlib.Path, rng: np.random.Generator) -> dict[str, np.
       inst = _blobs(rng, 64, 7)
       raw = rng.permutation(np.arange(1, 8)).astype(np.int32)  # every raw type once
       stem = f'{split.lower()}_{k}'
-      Image.fromarray(_image(rng, 64, 4 if k == 1 else 3)).save(root / 'CoNSeP' / split / 'Images' / f'{stem}.png')
+      image = _image(rng, 64, 4 if k == 1 else 3)  # the first tile is RGBA, like some CoNSeP copies
+      Image.fromarray(image).save(root / 'CoNSeP' / split / 'Images' / f'{stem}.png')
       sio.savemat(root / 'CoNSeP' / split / 'Labels' / f'{stem}.mat',
-                  {'inst_map': inst, 'type_map': np.zeros_like(inst), 'inst_type': raw[:, None].astype(np.float64),
-                   'inst_centroid': np.zeros((7, 2))})
+                  {'inst_map': inst, 'type_map': np.zeros_like(inst),
+                   'inst_type': raw[:, None].astype(np.float64), 'inst_centroid': np.zeros((7, 2))})
       merged[stem] = consep.MERGE[raw]
   return merged
 
@@ -120,7 +121,8 @@ def test_consep_reader_on_real_fixtures(fixtures_dir):
   """The real CoNSeP-style patches: ids 1..N although the files' ids are not contiguous."""
   counts = []
   for k in (1, 2, 3):
-    record = consep.read_tile(fixtures_dir / 'imgs' / f'patch{k}.png', fixtures_dir / 'masks' / f'patch{k}.mat')
+    mat = fixtures_dir / 'masks' / f'patch{k}.mat'
+    record = consep.read_tile(fixtures_dir / 'imgs' / f'patch{k}.png', mat)
     _check(record, 4)
     raw = sio.loadmat(fixtures_dir / 'masks' / f'patch{k}.mat')
     assert record[schema.INSTANCE_MAP].shape == (256, 256)
@@ -175,7 +177,8 @@ def _write_pannuke(root: pathlib.Path, rng: np.random.Generator, n: int = 2) -> 
   (root / 'Fold 1' / 'images' / 'fold1').mkdir(parents=True)
   (root / 'Fold 1' / 'masks' / 'fold1').mkdir(parents=True)
   np.save(root / 'Fold 1' / 'images' / 'fold1' / 'images.npy', images)
-  np.save(root / 'Fold 1' / 'images' / 'fold1' / 'types.npy', np.array(['Breast', 'Colon'][:n] + ['Lung'] * (n - 2)))
+  tissues = np.array(['Breast', 'Colon'][:n] + ['Lung'] * (n - 2))
+  np.save(root / 'Fold 1' / 'images' / 'fold1' / 'types.npy', tissues)
   np.save(root / 'Fold 1' / 'masks' / 'fold1' / 'masks.npy', masks)
   images, masks = patches(1)
   (root / 'Part 2' / 'Images').mkdir(parents=True)
@@ -223,7 +226,7 @@ def test_pannuke_truncated_npy(tmp_path):
     next(pannuke.iter_fold(tmp_path, 1))
 
 
-# ----------------------------------------------------------------------------------------------- Lizard, CoNIC
+# ------------------------------------------------------------------------------------------ Lizard, CoNIC
 
 
 def test_lizard_builder(tmp_path):
@@ -250,7 +253,8 @@ def test_lizard_builder(tmp_path):
   assert [schema.decode_text(r[schema.NAME]) for r in train] == ['consep_2', 'crag_1', 'dpath_3']
   for record in train:
     _check(record, 6)
-    np.testing.assert_array_equal(record[schema.INSTANCE_CLASSES], expected[schema.decode_text(record[schema.NAME])])
+    name = schema.decode_text(record[schema.NAME])
+    np.testing.assert_array_equal(record[schema.INSTANCE_CLASSES], expected[name])
     assert record[schema.MPP] == pytest.approx(0.5)
   assert len(sources.load_source(cfg, 'fold1')) == 2 and len(sources.load_source(cfg, 'fold2')) == 1
 
@@ -339,7 +343,8 @@ def _write_folder(root: pathlib.Path, rng: np.random.Generator) -> None:
   class_map[inst2 == 2] = np.where(rng.random((inst2 == 2).sum()) < 0.2, 2, 1)  # a minority of 2s
   np.save(root / 'train' / 'classes' / 'a_2.npy', class_map)
   tifffile.imwrite(root / 'test' / 'images' / 'b_1.tif', _image(rng, 40))
-  sio.savemat(root / 'test' / 'labels' / 'b_1.mat', {'inst_map': _blobs(rng, 40, 3), 'inst_type': [[2], [1], [2]]})
+  sio.savemat(root / 'test' / 'labels' / 'b_1.mat',
+              {'inst_map': _blobs(rng, 40, 3), 'inst_type': [[2], [1], [2]]})
 
 
 def test_folder_builder(tmp_path):
@@ -378,7 +383,7 @@ def test_folder_errors(tmp_path):
     folder.read_item(root / 'images' / 'x.png', root / 'labels' / 'x.npy', root / 'classes', 2)
 
 
-# ----------------------------------------------------------------------------------------------- readers, sources
+# --------------------------------------------------------------------------------------- readers, sources
 
 
 def test_read_image_policy(tmp_path):

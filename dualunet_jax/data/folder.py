@@ -85,8 +85,8 @@ def _read_2d(path: pathlib.Path, key: str = 'inst_map') -> tuple[np.ndarray, dic
     raise DatasetError(f'{path}: cannot decode label image ({type(e).__name__}: {e})') from e
 
 
-def read_item(image_path: readers.PathLike, label_path: readers.PathLike, classes_dir: readers.PathLike | None,
-              num_classes: int, mpp: float = 0.0) -> dict[str, Any]:
+def read_item(image_path: readers.PathLike, label_path: readers.PathLike,
+              classes_dir: readers.PathLike | None, num_classes: int, mpp: float = 0.0) -> dict[str, Any]:
   """One image + label (+ optional classes) of the folder format as a `schema` record.
 
   Args:
@@ -119,15 +119,17 @@ def read_item(image_path: readers.PathLike, label_path: readers.PathLike, classe
     class_map, _ = _read_2d(class_map_path)
     class_map = readers.as_instance_map(class_map, class_map_path)
     if class_map.shape != instance_map.shape:
-      raise DatasetError(f'{class_map_path}: class map is {class_map.shape}, instance map {instance_map.shape}')
+      raise DatasetError(f'{class_map_path}: class map is {class_map.shape}, '
+                         f'instance map {instance_map.shape}')
     classes, source = readers.majority_class(instance_map, class_map, n), class_map_path
   elif 'inst_type' in mat:
     classes, source = readers.classes_from_inst_type(mat['inst_type'], old_ids, label_path), label_path
   else:
     classes, source = np.full(n, 1 if num_classes == 1 else 0, np.int32), label_path
   if classes.size and (classes.min() < 0 or classes.max() > num_classes):
-    raise DatasetError(f'{source}: class id {int(classes.max() if classes.max() > num_classes else classes.min())}'
-                       f' outside 0..{num_classes} (config.dataset.class_names has {num_classes} names)')
+    bad = int(classes.max() if classes.max() > num_classes else classes.min())
+    raise DatasetError(f'{source}: class id {bad} outside 0..{num_classes} '
+                       f'(config.dataset.class_names has {num_classes} names)')
   return readers.make_record(image, instance_map, classes, name=stem, mpp=mpp,
                              source=f'{image_path} / {label_path}')
 

@@ -75,7 +75,8 @@ def find_lizard(root: readers.PathLike) -> tuple[list[pathlib.Path], pathlib.Pat
     raise DatasetError(f'Lizard: no Lizard_Images1/ or Lizard_Images2/ folder with .png images under {root}. '
                        f'Expected layout:\n{LIZARD_LAYOUT}')
   if not labels:
-    raise DatasetError(f'Lizard: no Lizard_Labels/Labels/ folder under {root}. Expected layout:\n{LIZARD_LAYOUT}')
+    raise DatasetError(f'Lizard: no Lizard_Labels/Labels/ folder under {root}. '
+                       f'Expected layout:\n{LIZARD_LAYOUT}')
   info = None
   for csv in sorted(labels[0].parent.glob('*.csv')):
     rows = readers.read_csv_rows(csv)
@@ -130,7 +131,8 @@ class Lizard(_common.NucleiBuilder, skip_registration=True):
       'https://warwick.ac.uk/fac/cross_fac/tia/data/lizard , unzip them into one folder and set '
       f'config.dataset.manual_dir to it:\n{LIZARD_LAYOUT}')
   HOMEPAGE = 'https://warwick.ac.uk/fac/cross_fac/tia/data/lizard'
-  CITATION = 'Graham et al., Lizard: A Large-Scale Dataset for Colonic Nuclear Instance Segmentation, ICCVW 2021.'
+  CITATION = ('Graham et al., Lizard: A Large-Scale Dataset for Colonic Nuclear Instance Segmentation, '
+              'ICCVW 2021.')
 
   def _split_generators(self, dl_manager):
     return {name: self._generate_examples(pairs)
@@ -176,7 +178,8 @@ def iter_conic(root: readers.PathLike) -> Iterator[dict[str, Any]]:
     instance_map, _ = readers.relabel_contiguous(readers.as_instance_map(label[..., 0], labels_path))
     class_map = readers.as_instance_map(label[..., 1], labels_path)
     if class_map.max(initial=0) > len(CLASS_NAMES):
-      raise DatasetError(f'{labels_path} [{i}]: class id {int(class_map.max())} outside 0..{len(CLASS_NAMES)}')
+      raise DatasetError(f'{labels_path} [{i}]: class id {int(class_map.max())} '
+                         f'outside 0..{len(CLASS_NAMES)}')
     classes = readers.majority_class(instance_map, class_map, int(instance_map.max()))
     name = names[i] if names and names[i] else f'conic_{i:05d}'
     yield readers.make_record(image, instance_map, classes, name=name, mpp=MPP, source=f'{labels_path} [{i}]')

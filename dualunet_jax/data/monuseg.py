@@ -133,7 +133,8 @@ class Monuseg(_common.NucleiBuilder, skip_registration=True):
   CITATION = 'Kumar et al., A Multi-Organ Nucleus Segmentation Challenge, IEEE TMI 39(5) (2020) 1380-1391.'
 
   def _split_generators(self, dl_manager):
-    return {name: self._generate_examples(pairs) for name, pairs in find_splits(self.manual_path(dl_manager)).items()}
+    splits = find_splits(self.manual_path(dl_manager))
+    return {name: self._generate_examples(pairs) for name, pairs in splits.items()}
 
   def _generate_examples(self, pairs):
     for image, xml in pairs:

@@ -83,7 +83,8 @@ def find_folds(root: readers.PathLike) -> dict[int, tuple[pathlib.Path, pathlib.
   return folds
 
 
-def masks_to_instances(masks: np.ndarray, source: readers.PathLike = 'masks') -> tuple[np.ndarray, np.ndarray]:
+def masks_to_instances(masks: np.ndarray,
+                       source: readers.PathLike = 'masks') -> tuple[np.ndarray, np.ndarray]:
   """PanNuke class-channel masks -> one instance map with unique contiguous ids and their classes.
 
   Args:
@@ -137,8 +138,9 @@ class Pannuke(_common.NucleiBuilder, skip_registration=True):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Channels 0-4 merged into one instance map; classes = channel + 1.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Download fold_1.zip, fold_2.zip and fold_3.zip from https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke '
-      f', unzip them into one folder and set config.dataset.manual_dir to it:\n{LAYOUT}')
+      'Download fold_1.zip, fold_2.zip and fold_3.zip from '
+      'https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke , unzip them'
+      f' into one folder and set config.dataset.manual_dir to it:\n{LAYOUT}')
   HOMEPAGE = 'https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke'
   CITATION = 'Gamper et al., PanNuke Dataset Extension, Insights and Baselines, arXiv:2003.10778 (2020).'
 

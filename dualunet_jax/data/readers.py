@@ -154,7 +154,8 @@ def read_mat(path: PathLike, required: Iterable[str] = ()) -> dict[str, Any]:
   keys = [k for k in data if not k.startswith('__')]
   missing = [k for k in required if k not in data]
   if missing:
-    raise DatasetError(f'{path}: .mat file has no key {missing[0]!r} (keys present: {", ".join(keys) or "none"})')
+    present = ', '.join(keys) or 'none'
+    raise DatasetError(f'{path}: .mat file has no key {missing[0]!r} (keys present: {present})')
   return data
 
 

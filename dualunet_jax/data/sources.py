@@ -37,7 +37,8 @@ BUILDERS = {
 
 def _module(name: str):
   if name not in BUILDERS:
-    raise DatasetError(f'config.dataset.name={name!r} is not a known dataset; choose one of {", ".join(BUILDERS)}')
+    raise DatasetError(f'config.dataset.name={name!r} is not a known dataset; '
+                       f'choose one of {", ".join(BUILDERS)}')
   return importlib.import_module(f'dualunet_jax.data.{BUILDERS[name][0]}')
 
 
@@ -60,8 +61,8 @@ def get_builder(dataset_config, seed: int | None = None) -> Any:
   cls = getattr(module, BUILDERS[name][1])
   if name == 'folder':
     if not dataset_config.manual_dir:
-      raise DatasetError('config.dataset.manual_dir is empty; the folder dataset is identified by its folder, '
-                         f'so set it to your data:\n{module.LAYOUT}')
+      raise DatasetError('config.dataset.manual_dir is empty; the folder dataset is identified by its '
+                         f'folder, so set it to your data:\n{module.LAYOUT}')
     config = module.make_config(dataset_config.manual_dir, dataset_config.class_names,
                                 float(dataset_config.get('source_mpp', 0.0)))
     return cls(config=config, data_dir=data_dir, file_format='array_record')
@@ -101,7 +102,8 @@ def load_source(dataset_config, split: str, seed: int | None = None) -> Any:
   builder = prepare(dataset_config, seed)
   splits = sorted(builder.info.splits.keys())
   if split not in splits:
-    raise DatasetError(f'dataset {_name(dataset_config)!r} has no split {split!r}; it has {", ".join(splits)}')
+    raise DatasetError(f'dataset {_name(dataset_config)!r} has no split {split!r}; '
+                       f'it has {", ".join(splits)}')
   return builder.as_data_source(split=split)
 
 
