@@ -11,6 +11,7 @@ No JAX import here: worker processes import `tiling` through this package.
 
 from dualunet_jax.inference.engine import checkpoint_predictor
 from dualunet_jax.inference.engine import InputSpec
+from dualunet_jax.inference.engine import MapsPredictor
 from dualunet_jax.inference.engine import model_predictor
 from dualunet_jax.inference.engine import Options
 from dualunet_jax.inference.engine import predict
@@ -21,5 +22,5 @@ from dualunet_jax.inference.slide import InputError
 from dualunet_jax.inference.slide import open_source
 from dualunet_jax.inference.tiling import TileGrid
 
-__all__ = ['FORMATS', 'InputError', 'InputSpec', 'Options', 'StopRun', 'TileGrid', 'Window',
+__all__ = ['FORMATS', 'InputError', 'InputSpec', 'MapsPredictor', 'Options', 'StopRun', 'TileGrid', 'Window',
            'checkpoint_predictor', 'model_predictor', 'open_source', 'predict']

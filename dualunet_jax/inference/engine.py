@@ -382,7 +382,7 @@ class _Engine:
         exporters.write_overlay(stem.with_name(job.name + '_overlay.png'), thumb, chunks, k,
                                 thumb.shape[1] / view.width)
       counts = store.counts(k)
-      extra = {'input': str(job.spec.path), 'mpp': view.scale * opt.model_mpp, 'model_mpp': opt.model_mpp,
+      extra = {'input': str(job.spec.path), 'mpp': opt.model_mpp / view.scale, 'model_mpp': opt.model_mpp,
                'tiles': job.tiles_total}
       if 'composition' in opt.formats:
         exporters.write_composition(stem.with_name(job.name + '_composition.json'),
@@ -428,6 +428,32 @@ def clean_work(output_dir: str | os.PathLike) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- predictors
+
+class MapsPredictor:
+  """A window-aware "predictor" that crops precomputed full-image maps (model resolution) for each tile.
+
+  Feeding ground-truth-derived maps (an oracle) through the engine checks tiling and stitching independently
+  of any model; precomputed model outputs can be re-post-processed the same way.
+
+  Args:
+    maps: input name -> (class_probs float[H, W, K+1], density float[H, W]) at model resolution. Outside the
+      image the probabilities are background (channel 0 = 1) and the density 0.
+  """
+  needs_windows = True
+
+  def __init__(self, maps: dict[str, tuple[np.ndarray, np.ndarray]]):
+    self.maps = maps
+
+  def __call__(self, images: np.ndarray, windows: Sequence[Window]) -> tuple[np.ndarray, np.ndarray]:
+    probs, dens = [], []
+    for w in windows:
+      p, d = self.maps[w.name]
+      cp = tiling.crop_padded(np.asarray(p, np.float32), w.y0, w.x0, w.height, w.width, 0)
+      cp[..., 0] += cp.sum(-1) == 0
+      probs.append(cp)
+      dens.append(tiling.crop_padded(np.asarray(d, np.float32), w.y0, w.x0, w.height, w.width, 0))
+    return np.stack(probs), np.stack(dens)
+
 
 # D4 views as (rot90 k, horizontal flip); the first four keep non-square shapes.
 VIEWS = ((0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True))

@@ -109,7 +109,9 @@ class OpenSlideSource:
     return np.asarray(self._slide.get_thumbnail((max_side, max_side)).convert('RGB'))
 
   def close(self) -> None:
-    self._slide.close()
+    if self._slide is not None:
+      self._slide.close()
+      self._slide = None
 
 
 def _over_white(rgba: np.ndarray) -> np.ndarray:

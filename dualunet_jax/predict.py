@@ -1,0 +1,140 @@
+"""Predict nuclei on tiles and whole-slide images: `python -m dualunet_jax.predict` (console: dualunet-predict).
+
+    python -m dualunet_jax.predict --workdir=workdirs/consep --input=slides/*.svs --input=tiles/ \
+        --output=out/ [--mpp=0.25] [--tile_size=1024 --overlap=128 --batch_size=4] [--tta] \
+        [--formats=geojson,csv,maps,overlay,composition]
+
+Inputs: files (png/jpg/tif tiles, svs/ndpi/mrxs/scn/bif/dcm/tiled tif slides through OpenSlide), folders
+(their image/slide files) and globs, repeatable. Every input is resampled to the model's µm/px
+(`config.dataset.mpp` of the checkpoint); `--mpp` gives the level-0 µm/px of the inputs (one value for all, or
+one per `--input` flag). Slides without resolution metadata need `--mpp`; plain tiles without it are assumed
+to be at the model's resolution (with a warning).
+
+Model: `--workdir` (a training workdir; `--which=best|last|<step>`) or `--checkpoint` (workdirs or step
+folders, repeatable: several are averaged as an ensemble). `--config` without a checkpoint runs a randomly
+initialised model of that config (pipeline smoke tests and throughput only).
+
+Outputs per input in `--output` (see `dualunet_jax/inference/exporters.py`): `<name>.geojson` (QuPath
+detections, level-0 px), `<name>_points.geojson`, `<name>.csv`, maps (`.npy` for tiles, tiled `.tif` for
+slides), `<name>_overlay.png`, `<name>_composition.json` and `composition.csv`. Interrupted runs resume where
+they stopped when rerun with the same arguments (state in `<output>/.dualunet_work`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Training workdir to load the model from.')
+flags.DEFINE_multi_string('checkpoint', [], 'Workdir or checkpoint step folder; repeat for an ensemble.')
+flags.DEFINE_string('which', 'best', "Checkpoint of a workdir: 'best', 'last' or a step.")
+config_flags.DEFINE_config_file('config', None, 'Config file for a randomly initialised model (no checkpoint).')
+flags.DEFINE_multi_string('input', [], 'Image/slide file, folder or glob; repeatable.')
+flags.DEFINE_string('output', None, 'Output folder.')
+flags.DEFINE_list('mpp', [], 'Level-0 µm/px of the inputs: one value for all, or one per --input.')
+flags.DEFINE_integer('tile_size', 1024, 'Tile side in model-resolution pixels.')
+flags.DEFINE_integer('overlap', 128, 'Overlap between tiles (even; nuclei up to overlap/2 px radius are whole).')
+flags.DEFINE_integer('batch_size', 4, 'Tiles per device batch.')
+flags.DEFINE_bool('tta', False, 'Test-time augmentation: average --tta_views flip/rot90 views.')
+flags.DEFINE_enum('tta_views', '8', ['2', '4', '8'], 'Views with --tta (4: flips; 8: flips and rot90s).')
+flags.DEFINE_list('formats', ['geojson', 'csv', 'maps', 'overlay', 'composition'],
+                  'Outputs: geojson, geojson_points, csv, maps, overlay, composition.')
+flags.DEFINE_enum('tissue', 'auto', ['auto', 'on', 'off'], 'Skip background tiles (auto: on for slides).')
+flags.DEFINE_integer('workers', 0, 'Post-processing processes (0: one per CPU core; 1: in-process).')
+flags.DEFINE_bool('keep_work', False, 'Keep per-row result shards after export.')
+flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+
+
+def expand_inputs(entries: list[str], mpps: list[str]) -> list:
+  """--input entries (files, folders, globs) -> `InputSpec`s with their --mpp; raises ValueError if empty."""
+  from dualunet_jax.inference import engine, slide
+  if mpps and len(mpps) not in (1, len(entries)):
+    raise ValueError(f'--mpp has {len(mpps)} values for {len(entries)} --input flags; give one or one per input')
+  specs = []
+  for i, entry in enumerate(entries):
+    mpp = float(mpps[0] if len(mpps) == 1 else mpps[i]) if mpps else None
+    path = pathlib.Path(entry)
+    if path.is_dir():
+      from dualunet_jax.data.readers import natural_key
+      files = sorted((p for p in path.iterdir() if p.is_file() and p.suffix.lower() in slide.INPUT_SUFFIXES),
+                     key=natural_key)
+      if not files:
+        raise ValueError(f'{path}: folder holds no image or slide files ({", ".join(slide.INPUT_SUFFIXES)})')
+    elif glob.has_magic(entry):
+      files = sorted(pathlib.Path(p) for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
+      if not files:
+        raise ValueError(f'{entry}: no file matches this pattern')
+    else:
+      files = [path]
+    specs += [engine.InputSpec(f, mpp) for f in files]
+  return specs
+
+
+def _fail(error: Exception):
+  """Boundary errors: one line naming the file and the problem, no traceback."""
+  print(f'dualunet-predict: error: {error}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _predictor(checkpoints: list[str], tta_views: int):
+  from dualunet_jax.inference import engine
+  if checkpoints:
+    return engine.checkpoint_predictor(checkpoints, which=FLAGS.which, tta_views=tta_views)
+  from flax import nnx
+  from dualunet_jax import models
+  config = FLAGS.config
+  logging.warning('no checkpoint: predicting with a RANDOMLY INITIALISED %s model', config.model.encoder)
+  model = models.build_model(config.model, config.dataset.num_classes, rngs=nnx.Rngs(config.seed))
+  model.eval()
+  identity = json.dumps({'random_init': config.model.to_dict(), 'seed': config.seed, 'tta_views': tta_views})
+  return engine.model_predictor([model], tta_views=tta_views), config, identity
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS.input or not FLAGS.output:
+    raise app.UsageError('--input and --output are required')
+  checkpoints = list(FLAGS.checkpoint) + ([FLAGS.workdir] if FLAGS.workdir else [])
+  if not checkpoints and FLAGS.config is None:
+    raise app.UsageError('give --workdir or --checkpoint (or --config for a randomly initialised model)')
+  from dualunet_jax import postprocess
+  from dualunet_jax.inference import engine, slide
+  tta_views = int(FLAGS.tta_views) if FLAGS.tta else 1
+  from dualunet_jax.checkpointing import CheckpointError
+  try:
+    specs = expand_inputs(FLAGS.input, FLAGS.mpp)
+    predictor, config, identity = _predictor(checkpoints, tta_views)
+    class_names = tuple(config.dataset.class_names)
+    if len(class_names) != config.dataset.num_classes:
+      class_names = tuple(f'class_{i}' for i in range(1, config.dataset.num_classes + 1))
+    options = engine.Options(
+        model_mpp=float(config.dataset.mpp), class_names=class_names, tile_size=FLAGS.tile_size,
+        overlap=FLAGS.overlap, batch_size=FLAGS.batch_size, formats=tuple(FLAGS.formats), tissue=FLAGS.tissue,
+        workers=FLAGS.workers, postprocess=postprocess.from_config(config.postprocess), predictor_id=identity,
+        keep_work=FLAGS.keep_work, progress=FLAGS.progress)
+  except (ValueError, CheckpointError) as e:  # bad flags / paths / checkpoints
+    _fail(e)
+  try:
+    summaries = engine.predict(specs, predictor, FLAGS.output, options)
+  except slide.InputError as e:
+    _fail(e)
+  for s in summaries:
+    counts = ', '.join(f'{k} {v}' for k, v in s['counts'].items())
+    print(f'{s["name"]}: {s["nuclei"]} nuclei ({counts}) from {s["tiles"]} tiles in {s["seconds"]:.1f} s')
+  print(f'outputs in {FLAGS.output}')
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
