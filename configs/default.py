@@ -37,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.synthetic_train_size = 512  # synthetic dataset only: tiles per split
   config.dataset.synthetic_test_size = 64
   config.dataset.synthetic_tile_size = 256
+  config.dataset.seed = 0  # synthetic dataset only: the tiles are a pure function of (seed, split, index)
+  config.dataset.source_mpp = 0.0  # folder datasets: microns per pixel of the stored images (0 = unknown)
 
   # ---------------------------------------------------------------- targets
   config.targets = ml_collections.ConfigDict()

@@ -53,8 +53,9 @@ def _conv(cin: int, cout: int, kernel: int, stride: int, padding: int, dtype, rn
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """torch MaxPool2d(3, stride 2, padding 1): the padding never wins (-inf). x: [B, H, W, C]."""
-  init = jnp.array(-jnp.inf, dtype=x.dtype)
-  return jax.lax.reduce_window(x, init, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+  # A Python-scalar identity (-inf) makes lax dispatch to the differentiable reduce_window_max primitive; an
+  # array init value falls back to the generic reduce_window, which has no reverse-mode derivative.
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
