@@ -19,6 +19,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PYTHON) -m dualunet_jax.train --config=configs/demo.py --workdir=workdirs/demo
+	$(PYTHON) -m dualunet_jax.eval --config=configs/demo.py --workdir=workdirs/demo
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -n 2 -q tests

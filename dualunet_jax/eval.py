@@ -15,7 +15,7 @@ import pathlib
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -45,6 +45,8 @@ def _merge_trained_config(config, workdir: pathlib.Path):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO; `-v 0` brings it back
   from dualunet_jax import evaluation
   from dualunet_jax.data import sources
 

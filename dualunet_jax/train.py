@@ -22,6 +22,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO; `-v 0` brings it back
   if FLAGS.distributed:
     jax.distributed.initialize()
   logging.info('devices: %s (process %d of %d)', jax.devices(), jax.process_index(), jax.process_count())

@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dualunet_jax import checkpointing, losses, metric_writers, models, optim
+from dualunet_jax import checkpointing, evaluation, losses, metric_writers, models, optim
 from dualunet_jax.data import augment, pipeline, sources, targets
 
 CLASS_WEIGHTS_FILE = 'class_weights.json'
@@ -91,6 +90,13 @@ def class_weights_for(config: ml_collections.ConfigDict, source: Any, num_classe
   return np.asarray(weights, np.float32)
 
 
+def _say(message: str) -> None:
+  """A line for the person at the terminal (process 0 only), kept clear of the progress bar."""
+  if jax.process_index() == 0:
+    from tqdm import tqdm
+    tqdm.write(message)
+
+
 def _is_eval_epoch(epoch: int, config: ml_collections.ConfigDict) -> bool:
   """The reference validates after epoch 1, every `eval_every_epochs`, and after the last epoch."""
   every = config.train.eval_every_epochs
@@ -102,8 +108,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                        on_step: Callable[[int], None] | None = None) -> dict[str, float]:
   """Trains (resuming from `workdir` when it holds checkpoints) and validates; returns the last validation
   metrics. `max_steps` stops early (tests, smoke runs); `on_step(step)` is called after each step."""
-  from dualunet_jax import evaluation  # evaluation imports post-processing pools; keep import order simple
-
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = make_mesh()
@@ -123,8 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   steps_per_epoch = config.train.steps_per_epoch or pipeline.steps_per_epoch(config, train_source)
   total_steps = config.train.epochs * steps_per_epoch
   class_weights = class_weights_for(config, train_source, num_classes, workdir)
-  logging.info('classes %s, weights %s, %d steps/epoch, %d steps', class_names, class_weights,
-               steps_per_epoch, total_steps)
+  _say(f'{config.dataset.name}: {len(train_source)} training tiles, classes {list(class_names)}, '
+       f'class weights {np.round(class_weights, 4).tolist()}; {steps_per_epoch} steps/epoch, {total_steps} steps')
 
   model, optimizer = create_train_state(config, num_classes, steps_per_epoch)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -132,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if ckpt.latest_step() is not None:
     meta = ckpt.restore(model, optimizer)
     start_step = int(meta['step'])
-    logging.info('resumed from %s at step %d', workdir, start_step)
+    _say(f'resumed from {workdir} at step {start_step}')
 
   replicated = NamedSharding(mesh, P())
   graphdef, state = nnx.split((model, optimizer))
