@@ -76,13 +76,17 @@ def nearest_plan(src: int, dst: int) -> np.ndarray:
 
 
 def _resample_axis(x: np.ndarray, idx: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
+  """float32 sum over taps t of w[:, t] * take(x, idx[:, t], axis) (taps with all-zero weights skipped)."""
+  x = x.astype(np.float32, copy=False)
+  shape = [1] * x.ndim
+  shape[axis] = -1
   out = None
   for t in range(idx.shape[1]):
-    term = np.take(x, idx[:, t], axis=axis).astype(np.float32)
-    shape = [1] * x.ndim
-    shape[axis] = -1
+    if not w[:, t].any():
+      continue
+    term = np.take(x, idx[:, t], axis=axis)
     term *= w[:, t].reshape(shape)
-    out = term if out is None else out + term
+    out = term if out is None else out.__iadd__(term)
   return out
 
 
