@@ -11,15 +11,15 @@ import pathlib
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from scipy import ndimage
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from dualunet_jax import metrics as metrics_lib  # noqa
 from dualunet_jax import postprocess as postprocess_lib
-from dualunet_jax.data import schema
+from dualunet_jax.data import pipeline, schema
 
 # The paper's robustness protocol (Appendix D): random dihedral view + HED perturbation, 5 repetitions.
 ROBUSTNESS_REPEATS = 5
@@ -43,54 +43,72 @@ def make_forward(model: nnx.Module) -> Forward:
   return lambda images: forward(state, images)
 
 
-def _batches(source: Any, indices: list[int], batch_size: int,
-             transform: Callable[[dict, int], dict] | None) -> Iterator[list[dict]]:
-  """Consecutive records of equal image shape, at most `batch_size` per batch (tiles may differ in size)."""
-  batch: list[dict] = []
-  for i in indices:
-    record = source[i]
-    if transform is not None:
-      record = transform(record, i)
-    if batch and (len(batch) == batch_size or batch[0][schema.IMAGE].shape != record[schema.IMAGE].shape):
-      yield batch
-      batch = []
-    batch.append(record)
-  if batch:
-    yield batch
+class _Transformed:
+  """A random-access view of `source` with `transform(record, index)` applied on read."""
+
+  def __init__(self, source: Any, transform: Callable[[dict, int], dict]):
+    self.source, self.transform = source, transform
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> dict:
+    return self.transform(self.source[i], i)
 
 
-def _to_device(images: np.ndarray, mesh: Mesh | None) -> tuple[jax.Array, int]:
-  """Pads the batch to a multiple of the mesh size (repeating the last image) and shards it on 'data'."""
-  n = len(images)
-  if mesh is None or mesh.size == 1:
-    return jnp.asarray(images), n
-  pad = -n % mesh.size
-  if pad:
-    images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
-  return jax.device_put(images, NamedSharding(mesh, P('data'))), n
+class _Prefix:
+  """The first `n` records of `source`."""
+
+  def __init__(self, source: Any, n: int):
+    self.source, self.n = source, n
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, i: int) -> dict:
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return self.source[i]
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  """A global array as a full numpy array on every host."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
 
 
 def predict_maps(forward: Forward, source: Any, config: ml_collections.ConfigDict, *, mesh: Mesh | None = None,
-                 indices: list[int] | None = None, transform: Callable[[dict, int], dict] | None = None,
                  ) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
   """Yields (record, class_probs float32[H, W, K+1], density float32[H, W]) for each record, in order.
-  The next batch is dispatched to the device before the current one is copied back (asynchronous dispatch)."""
-  indices = list(range(len(source))) if indices is None else indices
+
+  The record's `image` and `instance_map` are those of the evaluated grid (`pipeline.eval_batches`: whole
+  tiles, resized in the reference's parity mode). The next batch is dispatched to the devices before the
+  current one is copied back (asynchronous dispatch keeps the device busy while the host post-processes).
+  """
   pending = None
-  for batch in _batches(source, indices, config.eval.batch_size, transform):
-    images, n = _to_device(np.stack([r[schema.IMAGE] for r in batch]), mesh)
-    outputs = forward(images)
+  for batch, records in pipeline.eval_batches(config, source, batch_size=config.eval.batch_size, mesh=mesh):
+    outputs = forward(batch['image'])
     if pending is not None:
       yield from _emit(*pending)
-    pending = (batch, outputs, n)
+    pending = (batch, records, outputs)
   if pending is not None:
     yield from _emit(*pending)
 
 
-def _emit(batch, outputs, n):
-  probs, density = jax.device_get(outputs)
-  for j in range(n):
-    yield batch[j], np.asarray(probs[j], np.float32), np.asarray(density[j], np.float32)
+def _emit(batch, records, outputs):
+  probs, density = _host(outputs[0]), _host(outputs[1])
+  images, instance_maps, class_maps = (_host(batch[k]) for k in ('image', 'instance_map', 'class_map'))
+  for j, record in enumerate(records):
+    # The evaluated grid was relabelled 1..N (a resize can drop tiny nuclei, shifting ids), so each nucleus
+    # takes its class from the evaluated class map, which is constant over a nucleus.
+    inst = instance_maps[j]
+    n = int(inst.max())
+    classes = ndimage.maximum(class_maps[j], labels=inst, index=np.arange(1, n + 1)).astype(np.int32) if n \
+        else np.zeros((0,), np.int32)
+    evaluated = dict(record, image=images[j], instance_map=inst, instance_classes=classes)
+    yield evaluated, probs[j], density[j]
 
 
 def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.ConfigDict, *,
@@ -108,6 +126,9 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
   forward = make_forward(model) if isinstance(model, nnx.Module) else model
   num_classes = config.dataset.num_classes
   n = len(source) if not max_images else min(max_images, len(source))
+  source = _Prefix(source, n)
+  if transform is not None:
+    source = _Transformed(source, transform)
   accumulator = metrics_lib.MetricsAccumulator(num_classes, match_radius=config.eval.match_radius,
                                                class_names=tuple(config.dataset.class_names))
   overlays = pathlib.Path(overlays_dir) if overlays_dir and num_overlays else None
@@ -132,8 +153,7 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
                        num_classes)
 
     bar = tqdm(total=n, desc=desc, unit='img', leave=False, disable=jax.process_index() != 0)
-    for index, (record, probs, density) in enumerate(
-        predict_maps(forward, source, config, mesh=mesh, indices=list(range(n)), transform=transform)):
+    for index, (record, probs, density) in enumerate(predict_maps(forward, source, config, mesh=mesh)):
       window.append((index, record, processor.submit(probs, density), None))
       drain(limit=4 * max(1, processor.workers))  # bounded: host memory stays flat
       bar.update(1)
@@ -194,7 +214,8 @@ def robustness_transform(config: ml_collections.ConfigDict, repeat: int) -> Call
              'class_map': targets.class_map(inst, record[schema.INSTANCE_CLASSES])[None],
              'density': np.zeros((1,) + inst.shape, np.float32)}
     out = augment.augment_batch(jax.random.fold_in(key, index), batch, aug)
-    return dict(record, image=np.asarray(out['image'][0]), instance_map=np.asarray(out['instance_map'][0]))
+    image = np.round(np.clip(np.asarray(out['image'][0]), 0.0, 1.0) * 255.0).astype(np.uint8)
+    return dict(record, image=image, instance_map=np.asarray(out['instance_map'][0]))
 
   return transform
 

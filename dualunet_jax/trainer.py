@@ -104,13 +104,14 @@ def _is_eval_epoch(epoch: int, config: ml_collections.ConfigDict) -> bool:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                       *, max_steps: int | None = None,
+                       *, max_steps: int | None = None, mesh: Mesh | None = None,
                        on_step: Callable[[int], None] | None = None) -> dict[str, float]:
   """Trains (resuming from `workdir` when it holds checkpoints) and validates; returns the last validation
-  metrics. `max_steps` stops early (tests, smoke runs); `on_step(step)` is called after each step."""
+  metrics. `max_steps` stops early (tests, smoke runs); `mesh` defaults to all devices; `on_step(step)` is
+  called after each step."""
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = make_mesh()
+  mesh = mesh or make_mesh()
   if config.train.batch_size % mesh.size:
     raise ValueError(f'config.train.batch_size={config.train.batch_size} is not divisible by the '
                      f'{mesh.size} devices of the mesh')
