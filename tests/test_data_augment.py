@@ -13,8 +13,9 @@ from dualunet_jax.data import augment, targets
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict(dict(flips=False, rot90=False, hed_scale=0.0, hed_shift=0.0, color_jitter=0.0,
-                                       blur_sigma=0.0, elastic_alpha=0.0, elastic_sigma=4.0))
+  cfg = ml_collections.ConfigDict(dict(flips=False, rot90=False, hed_scale=0.0, hed_shift=0.0,
+                                       color_jitter=0.0, blur_sigma=0.0, elastic_alpha=0.0,
+                                       elastic_sigma=4.0))
   cfg.update(overrides)
   return cfg
 
@@ -88,7 +89,8 @@ def test_non_square_rot90_keeps_shape():
   out = augment.augment_batch(jax.random.key(1), batch, _config(flips=True, rot90=True))
   assert out['image'].shape == (6, 40, 56, 3) and out['class_map'].shape == (6, 40, 56)
   image = np.rint(np.asarray(out['image'][0]) * 255).astype(np.uint8)
-  candidates = [batch['image'][0], batch['image'][0][::-1], batch['image'][0][:, ::-1], batch['image'][0][::-1, ::-1]]
+  x = batch['image'][0]
+  candidates = [x, x[::-1], x[:, ::-1], x[::-1, ::-1]]
   assert any(np.array_equal(c, image) for c in candidates)
 
 

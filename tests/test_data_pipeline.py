@@ -25,7 +25,7 @@ def _config(**dataset):
 
 
 def _record(index: int, size=(32, 32), n: int = 6, seed: int = 0, classes=None) -> dict:
-  """Image red = row, green = column, blue = record index (positions and identity are readable from pixels)."""
+  """Image red = row, green = column, blue = record index (position and identity readable from pixels)."""
   rng = np.random.default_rng([seed, index])
   h, w = size
   yy, xx = np.mgrid[:h, :w]
@@ -151,7 +151,7 @@ def test_resume_does_not_read_skipped_records():
 
   source = Counting(_records(16))
   _take(pipeline.train_loader(cfg, source, start_step=1000), 1)
-  assert Counting.reads <= 6 * 8  # a few batches (device look-ahead + grain prefetch), never 8000 skipped ones
+  assert Counting.reads <= 6 * 8  # a few batches (device look-ahead, prefetch), never 8000 skipped ones
 
 
 def test_workers_give_the_same_batches():
@@ -215,7 +215,8 @@ def test_resize_matches_torch():
   inst = np.random.default_rng(1).integers(0, 9, (50, 50)).astype(np.int32)
   t = torch.from_numpy(img).permute(2, 0, 1)[None].float()
   for dst in (64, 40):
-    ref = torch.nn.functional.interpolate(t, size=(dst, dst), mode='bicubic', antialias=True, align_corners=False)
+    ref = torch.nn.functional.interpolate(t, size=(dst, dst), mode='bicubic', antialias=True,
+                                          align_corners=False)
     ref = np.clip(ref[0].permute(1, 2, 0).numpy(), 0, 255)
     assert np.abs(pipeline.resize_image(img, (dst, dst)) - ref).max() <= 0.5 + 1e-3  # uint8 rounding only
     ref_map = torch.nn.functional.interpolate(torch.from_numpy(inst)[None, None].float(), size=(dst, dst),

@@ -17,8 +17,8 @@ Eval: `eval_batches` yields whole tiles in source order, no augmentation (see it
 
 Resize (`config.dataset.resize > 0`, the reference CoNSeP parity mode): square tiles are resized to
 resize x resize before cropping (so train crops and whole-tile evaluation see the same scale), the image with
-PyTorch's antialiased bicubic (Keys a = -0.5, PIL taps renormalised inside the image) and rounded back to uint8
-(<= 0.5/255 from the reference's float resize), the instance map with PyTorch's legacy nearest
+PyTorch's antialiased bicubic (Keys a = -0.5, PIL taps renormalised inside the image) and rounded back to
+uint8 (<= 0.5/255 from the reference's float resize), the instance map with PyTorch's legacy nearest
 (src = floor(dst * src_size / dst_size)). Only the rows/columns inside the crop are computed.
 """
 
@@ -92,7 +92,7 @@ def _resample_axis(x: np.ndarray, idx: np.ndarray, w: np.ndarray, axis: int) -> 
 
 def resize_image(image: np.ndarray, size: tuple[int, int], rows: slice = slice(None),
                  cols: slice = slice(None)) -> np.ndarray:
-  """uint8[H, W, 3] -> uint8[size] bicubic-aa (`rows`/`cols` select a window of the output, computed alone)."""
+  """uint8[H, W, 3] -> uint8[size] bicubic-aa; `rows`/`cols` select an output window, computed alone."""
   iy, wy = bicubic_plan(image.shape[0], size[0])
   ix, wx = bicubic_plan(image.shape[1], size[1])
   # Columns first only touches the rows the window needs.
@@ -119,7 +119,8 @@ def _relabel_targets(instance_map: np.ndarray, instance_classes: np.ndarray, con
   classes = np.asarray(instance_classes, np.int32).reshape(-1)[old_ids - 1] if old_ids.size else \
       np.zeros((0,), np.int32)
   num_classes = int(config.dataset.num_classes)
-  out = targets.make_targets(inst, classes, sigma=float(config.targets.sigma), centroid=config.targets.centroid,
+  out = targets.make_targets(inst, classes, sigma=float(config.targets.sigma),
+                             centroid=config.targets.centroid,
                              unlabelled_class=1 if num_classes == 1 else None, num_classes=num_classes)
   return {'class_map': out['class_map'].astype(np.int32), 'density': out['density'].astype(np.float32),
           'instance_map': inst.astype(np.int32)}
@@ -265,12 +266,14 @@ class _TrainSample:
     if epoch not in self._perms:
       if len(self._perms) > 4:
         self._perms.clear()
-      self._perms[epoch] = np.random.default_rng([self.transform.seed, 0, epoch]).permutation(self.num_records)
+      rng = np.random.default_rng([self.transform.seed, 0, epoch])
+      self._perms[epoch] = rng.permutation(self.num_records)
     return self._perms[epoch]
 
   def record_index(self, i: int) -> tuple[int, int]:
     step, j = divmod(int(i), self.local_bs)
-    epoch, pos = divmod(step * self.global_bs + self.host * self.local_bs + j, self.num_batches * self.global_bs)
+    position = step * self.global_bs + self.host * self.local_bs + j
+    epoch, pos = divmod(position, self.num_batches * self.global_bs)
     return epoch, int(self.permutation(epoch)[pos])
 
   def __call__(self, i: int) -> Batch:
@@ -311,6 +314,8 @@ def train_loader(config: Any, source: Sequence[Record], *, mesh: Mesh | None = N
      'instance_map': int32[B, c, c]} as global jax.Arrays, B = config.train.batch_size.
     `config.dataset.num_workers` grain worker processes (0 = threads in this process) prefetch
     `config.dataset.prefetch` batches each; one further batch is transferred to devices ahead.
+    With crop_size 0 every (resized) tile must have the same shape (batches are stacked); use crops for
+    variable-size datasets. Raises PipelineError when the source holds fewer records than one global batch.
   """
   mesh = mesh or default_mesh()
   sharding = NamedSharding(mesh, P('data'))
@@ -320,10 +325,12 @@ def train_loader(config: Any, source: Sequence[Record], *, mesh: Mesh | None = N
   # In workers one thread each (the work is numpy-bound, the workers are the parallelism); in-process a few
   # threads overlap numpy sections that release the GIL.
   threads = 1 if workers > 0 else 2
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads)))
+  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads))
+  it_ds = ds.to_iter_dataset(read)
   if workers > 0:
     _ensure_flags_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+    mp = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
+    it_ds = it_ds.mp_prefetch(mp)
   return _device_prefetch(iter(it_ds), sharding)
 
 
@@ -354,15 +361,16 @@ def eval_batches(config: Any, source: Sequence[Record], *, batch_size: int,
                  mesh: Mesh | None = None) -> Iterator[tuple[dict[str, jax.Array], list[Record]]]:
   """Whole tiles in source order, each exactly once, no augmentation.
 
-  Consecutive records of the same (resized) shape share a batch; a shape change or the end of the source closes
-  the batch early. Every batch is padded (zero images and maps) to `batch_size` rounded up to a multiple of the
-  'data' axis, so at most one compile per tile shape; `batch['valid']` bool[B] marks the real rows, which are
-  rows 0..len(records)-1. Mixed-size sources therefore still work (in the worst case, alternating sizes, one
-  tile per batch). Every host reads every record (to agree on the grouping) but transfers only its rows.
+  Consecutive records of the same (resized) shape share a batch; a shape change or the end of the source
+  closes the batch early. Every batch is padded (zero images and maps) to `batch_size` rounded up to a
+  multiple of the 'data' axis, so at most one compile per tile shape; `batch['valid']` bool[B] marks the
+  real rows, which are rows 0..len(records)-1. Mixed-size sources therefore still work (in the worst case,
+  alternating sizes, one tile per batch). Every host reads every record (to agree on the grouping) but transfers only its rows.
 
   Yields:
     (batch, records): batch = {'image': uint8[B, H, W, 3], 'class_map': int32[B, H, W], 'density':
-    float32[B, H, W], 'instance_map': int32[B, H, W] (on the evaluated grid, relabelled 1..N), 'valid': bool[B]}
+    float32[B, H, W], 'instance_map': int32[B, H, W] (on the evaluated grid, relabelled 1..N),
+    'valid': bool[B]}
     as global jax.Arrays; records = the source records of the valid rows, in order.
   """
   mesh = mesh or default_mesh()
