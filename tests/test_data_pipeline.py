@@ -222,3 +222,14 @@ def test_resize_matches_torch():
     ref_map = torch.nn.functional.interpolate(torch.from_numpy(inst)[None, None].float(), size=(dst, dst),
                                               mode='nearest')[0, 0].numpy().astype(np.int32)
     np.testing.assert_array_equal(pipeline.resize_map(inst, (dst, dst)), ref_map)
+
+
+def test_unlabelled_nuclei_keep_density_and_get_class_zero():
+  rec = _record(0, size=(32, 32), n=4)
+  rec['instance_classes'] = rec['instance_classes'].copy()
+  rec['instance_classes'][0] = 0
+  out = pipeline.eval_example(rec, _config())
+  inst = out['instance_map']
+  assert (out['class_map'][inst == 1] == 0).all() and (out['class_map'][inst == 2] > 0).all()
+  ref = targets.density_from_instances(rec['instance_map'], sigma=2.0)
+  np.testing.assert_allclose(out['density'], ref, atol=1e-6)

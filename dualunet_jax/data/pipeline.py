@@ -114,15 +114,23 @@ def resize_map(labels: np.ndarray, size: tuple[int, int], rows: slice = slice(No
 
 # ---------------------------------------------------------------------------------------------- transforms
 def _relabel_targets(instance_map: np.ndarray, instance_classes: np.ndarray, config: Any) -> Batch:
-  """Relabels the (cropped) instance map to 1..M and renders its targets (centroids of the visible parts)."""
+  """Relabels the (cropped) instance map to 1..M and renders its targets (centroids of the visible parts).
+
+  Unlabelled nuclei (class 0, e.g. Lizard ids missing from the table): with K = 1 they are class 1; with K > 1
+  they keep their density peak and instance but get class 0 in the class map (the loss has no ignore label;
+  evaluation reads class 0 from the class map as "unlabelled", ignored by class metrics).
+  """
   inst, old_ids = targets.relabel_contiguous(instance_map)
   classes = np.asarray(instance_classes, np.int32).reshape(-1)[old_ids - 1] if old_ids.size else \
       np.zeros((0,), np.int32)
   num_classes = int(config.dataset.num_classes)
-  out = targets.make_targets(inst, classes, sigma=float(config.targets.sigma),
-                             centroid=config.targets.centroid,
-                             unlabelled_class=1 if num_classes == 1 else None, num_classes=num_classes)
-  return {'class_map': out['class_map'].astype(np.int32), 'density': out['density'].astype(np.float32),
+  unlabelled = classes == 0
+  out = targets.make_targets(inst, np.where(unlabelled, 1, classes), sigma=float(config.targets.sigma),
+                             centroid=config.targets.centroid, num_classes=max(num_classes, 1))
+  class_map = out['class_map'].astype(np.int32)
+  if num_classes > 1 and unlabelled.any():
+    class_map[np.concatenate([[False], unlabelled])[inst]] = 0
+  return {'class_map': class_map, 'density': out['density'].astype(np.float32),
           'instance_map': inst.astype(np.int32)}
 
 
