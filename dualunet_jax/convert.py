@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 import hashlib
 import os
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -354,12 +355,22 @@ def convert_to_workdir(path: str | os.PathLike, config: ml_collections.ConfigDic
 # ------------------------------------------------------------------------------------------- ImageNet weights
 
 
+def _from_facebook_convnext(key: str) -> str:
+  """Original facebookresearch/ConvNeXt key -> timm key (as timm's own checkpoint filter remaps them)."""
+  key = re.sub(r'^downsample_layers\.0\.', 'stem.', key)
+  key = re.sub(r'^downsample_layers\.(\d+)\.(\d+)\.', r'stages.\1.downsample.\2.', key)
+  key = re.sub(r'^stages\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.', key)
+  key = key.replace('.dwconv.', '.conv_dw.').replace('.pwconv1.', '.mlp.fc1.').replace('.pwconv2.', '.mlp.fc2.')
+  return re.sub(r'^norm\.', 'head.norm.', key)  # the final norm belongs to the classifier head
+
+
 def load_encoder_weights(model: models.DualUNet, path: str | os.PathLike) -> None:
   """Initialises `model.encoder` from ImageNet weights; the decoders and heads keep their initialisation.
 
   Accepts torchvision `resnext50_32x4d` keys (`conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`, ...; `fc.*`
   ignored) and timm `convnext_*` keys (`stem.0.*`, `stages.N.*`; `head.*`, `norm_pre.*` ignored), from `.pth`
-  or `.safetensors`; also the `encoder.` part of a reference DualU-Net checkpoint (other keys ignored).
+  or `.safetensors`; also the original facebookresearch ConvNeXt files (`downsample_layers.*`, `dwconv`,
+  `pwconv1`, ...) and the `encoder.` part of a reference DualU-Net checkpoint (other keys ignored).
   Every encoder parameter and BatchNorm statistic must be set and every encoder key used.
   """
   source = str(path)
@@ -373,6 +384,8 @@ def load_encoder_weights(model: models.DualUNet, path: str | os.PathLike) -> Non
   if any(k.startswith('encoder.') for k in state_dict):  # a DualU-Net checkpoint: take its encoder
     state_dict = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
     state_dict = {k.removeprefix(_CONVNEXT_PREFIX): v for k, v in state_dict.items()}
+  if any(k.startswith('downsample_layers.') for k in state_dict):  # facebookresearch/ConvNeXt release
+    state_dict = {_from_facebook_convnext(k): v for k, v in state_dict.items()}
   convnext = _is_convnext(model)
   file_is_convnext = any(k.startswith('stem.') or k.startswith('stages.') for k in state_dict)
   if convnext != file_is_convnext:

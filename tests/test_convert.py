@@ -125,7 +125,7 @@ def tiny_config(encoder: str) -> ml_collections.ConfigDict:
   return config
 
 
-@functools.cache  # abstract full-size models take seconds to trace; tests only read them
+@functools.cache  # tracing takes seconds; tests read shapes only, or (re)set values
 def abstract_model(encoder: str, wm: float = 1.0, num_classes: int = K) -> models.DualUNet:
   return nnx.eval_shape(lambda: models.DualUNet(encoder=encoder, num_classes=num_classes, width_multiplier=wm,
                                                 rngs=nnx.Rngs(0)))
@@ -408,7 +408,12 @@ def test_cli_round_trip_through_orbax(torch_mod, tmp_path):
          '--config=configs/consep.py', f'--workdir={workdir}', f'--config.model.width_multiplier={TINY}']
   done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr[-2000:]
-  model, config = checkpointing.restore_for_inference(workdir)
+  # restore_for_inference, except that the model is built abstractly: its concrete random initialisation
+  # compiles ~70 initialisers (a minute on a loaded 2-core CPU) only to overwrite them.
+  config = checkpointing.load_config(workdir)
+  model = nnx.eval_shape(lambda: models.build_model(config.model, config.dataset.num_classes, rngs=nnx.Rngs(0)))
+  assert checkpointing.restore_model(workdir, model)['step'] == 0
+  model.eval()
   assert config.model.encoder == 'resnext50_32x4d' and config.dataset.num_classes == K
   _assert_close(jax_outputs(model, IMAGES), torch_outputs(torch, ref, IMAGES))
   # A second conversion into the same workdir is refused rather than mixing checkpoints.
@@ -602,6 +607,26 @@ def test_timm_convnext_safetensors_keeps_decoders(no_torch, tmp_path):
   np.testing.assert_array_equal(np.asarray(model.encoder.stem_norm.scale[...]), state['stem.1.weight'])
   np.testing.assert_array_equal(np.asarray(model.encoder.stages[3].blocks[2].fc2.kernel[...]),
                                 state['stages.3.blocks.2.mlp.fc2.weight'].T)
+
+
+def test_facebook_convnext_keys(no_torch, tmp_path):
+  """The original facebookresearch ConvNeXt release (`downsample_layers`, `dwconv`, `pwconv1`) loads too."""
+  timm = random_state_dict(_imagenet('convnext_tiny', TINY, batches_tracked=False))
+  fb = {}
+  for key, value in timm.items():
+    new = key.replace('stem.', 'downsample_layers.0.').replace('.conv_dw.', '.dwconv.')
+    new = new.replace('.mlp.fc1.', '.pwconv1.').replace('.mlp.fc2.', '.pwconv2.').replace('head.norm.', 'norm.')
+    new = new.replace('head.fc.', 'head.').replace('.blocks.', '.')
+    for st in (1, 2, 3):
+      new = new.replace(f'stages.{st}.downsample.', f'downsample_layers.{st}.')
+    fb[new] = value
+  assert 'downsample_layers.2.1.weight' in fb and 'stages.2.8.pwconv2.bias' in fb and 'norm.weight' in fb
+  model = abstract_model('convnext_tiny', TINY)
+  convert.load_encoder_weights(model, _write(tmp_path, fb, 'fb.safetensors'))
+  np.testing.assert_array_equal(np.asarray(model.encoder.stages[2].blocks[8].fc2.bias[...]),
+                                timm['stages.2.blocks.8.mlp.fc2.bias'])
+  np.testing.assert_array_equal(np.asarray(model.encoder.stages[2].downsample_conv.kernel[...]),
+                                timm['stages.2.downsample.1.weight'].transpose(2, 3, 1, 0))
 
 
 def test_encoder_init_errors(no_torch, tmp_path):
