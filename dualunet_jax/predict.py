@@ -108,9 +108,12 @@ def main(argv):
   from dualunet_jax import postprocess
   from dualunet_jax.inference import engine, slide
   tta_views = int(FLAGS.tta_views) if FLAGS.tta else 1
-  from dualunet_jax.checkpointing import CheckpointError
   try:
     specs = expand_inputs(FLAGS.input, FLAGS.mpp)
+  except ValueError as e:
+    _fail(e)
+  from dualunet_jax.checkpointing import CheckpointError
+  try:
     predictor, config, identity = _predictor(checkpoints, tta_views)
     class_names = tuple(config.dataset.class_names)
     if len(class_names) != config.dataset.num_classes:
