@@ -4,12 +4,12 @@ r"""DualU-Net forward throughput (tiles/s), float32 vs bfloat16 compute, per til
     .venv/bin/python benchmarks/model_throughput.py --encoder=convnext_base --sizes=256,1024 \
         --batch_sizes=1,8,32 --max_batch_pixels=0                                      # a GPU
 
-Eval-mode forward (`model.eval()`, the jitted pure function of the split state), batch of random [0, 1] images
-on the default device. Each (dtype, size, batch) is compiled first (compile time printed), run once more to warm
-up, then timed --runs times (block_until_ready); the table shows the median. `ratio` is bfloat16 tiles/s over
-float32 tiles/s of the same size and batch, measured in the same process. Parameter values are random
-(He-normal kernels, BatchNorm near identity), generated on the host: the real initialiser compiles one program
-per parameter shape, which costs a minute on a small CPU and does not change the timing.
+Eval-mode forward (`model.eval()`, the jitted pure function of the split state), batch of random [0, 1]
+images on the default device. Each (dtype, size, batch) is compiled first (compile time printed), run once
+more to warm up, then timed --runs times (block_until_ready); the table shows the median. `ratio` is bfloat16
+tiles/s over float32 tiles/s of the same size and batch, measured in the same process. Parameter values are
+random (He-normal kernels, BatchNorm near identity), generated on the host: the real initialiser compiles one
+program per parameter shape, which costs a minute on a small CPU and does not change the timing.
 Figures only, never asserted.
 """
 
@@ -40,7 +40,8 @@ _WIDTH = flags.DEFINE_float('width_multiplier', 1.0, 'Channel width multiplier (
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', 5, 'K nucleus classes (K + 1 output channels).')
 _SIZES = flags.DEFINE_list('sizes', ['256', '1024'], 'Square tile sides.')
 _BATCHES = flags.DEFINE_list('batch_sizes', ['1', '2', '4'], 'Batch sizes.')
-_DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes (the first is the ratio baseline).')
+_DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'],
+                             'Compute dtypes (the first is the ratio baseline).')
 _RUNS = flags.DEFINE_integer('runs', 5, 'Timed runs per configuration (median reported).')
 _MAX_PIXELS = flags.DEFINE_integer('max_batch_pixels', 1024 * 1024,
                                    'Skip configurations with batch * size^2 above this (0 = no limit); the '
@@ -68,7 +69,8 @@ def random_state(state: nnx.State, seed: int = 0) -> nnx.State:
   def value(path, leaf):
     name = path[-2].key
     if name == 'kernel':
-      return rng.standard_normal(leaf.shape, np.float32) * np.float32(math.sqrt(2.0 / math.prod(leaf.shape[:-1])))
+      std = math.sqrt(2.0 / math.prod(leaf.shape[:-1]))
+      return rng.standard_normal(leaf.shape, np.float32) * np.float32(std)
     if name in ('scale', 'var'):
       return np.ones(leaf.shape, np.float32)
     if name == 'gamma':
@@ -80,8 +82,8 @@ def random_state(state: nnx.State, seed: int = 0) -> nnx.State:
 
 def graphdef_for(dtype: str):
   model = nnx.eval_shape(lambda: models.DualUNet(encoder=_ENCODER.value, num_classes=_NUM_CLASSES.value,
-                                                 width_multiplier=_WIDTH.value, dtype=models.compute_dtype(dtype),
-                                                 rngs=nnx.Rngs(0)))
+                                                 width_multiplier=_WIDTH.value,
+                                                 dtype=models.compute_dtype(dtype), rngs=nnx.Rngs(0)))
   model.eval()
   return nnx.split(model)
 
@@ -118,7 +120,8 @@ def main(argv: Sequence[str]) -> None:
   params = models.parameter_counts(nnx.merge(graphdef0, state))['total']
   print(f'DualU-Net {_ENCODER.value} width x{_WIDTH.value:g}, K={_NUM_CLASSES.value}, {params:,} parameters; '
         f'eval forward, median of {_RUNS.value} runs after compile + 1 warm-up')
-  header = f"{'size':>6} {'batch':>5} {'dtype':>9} {'compile s':>10} {'ms/batch':>10} {'tiles/s':>9} {'ratio':>7}"
+  header = (f"{'size':>6} {'batch':>5} {'dtype':>9} {'compile s':>10} {'ms/batch':>10} {'tiles/s':>9} "
+            f"{'ratio':>7}")
   print(header)
   print('-' * len(header))
   for size in sizes:

@@ -1,13 +1,14 @@
-r"""Model summary: parameters per part and forward GFLOPs (XLA cost analysis), without materialising the model.
+r"""Model summary: parameters per part and forward GFLOPs (XLA cost analysis), nothing materialised.
 
     python -m dualunet_jax.summary --config=configs/default.py [--config.model.encoder=convnext_base] \
         [--num_classes=5] [--sizes=256,1024] [--json]
 
-The model is built abstractly (`nnx.eval_shape`) and the jitted eval-mode forward (batch 1, square tiles) is only
-lowered, never compiled or run, so even 1024x1024 costs about a second on a CPU. FLOPs are XLA's count on the
-lowered HLO: a multiply-add is 2 FLOPs, and element-wise ops (BatchNorm, ReLU, padding, ...) are included. The
-paper's Table 2 "GLOPs" (ResNeXt 41.01 M params, 16.26 / 260.23 at 256^2 / 1024^2; ConvNeXt 97.81 M,
-26.78 / 428.49) are most likely multiply-accumulates (e.g. thop/ptflops), so compare them with FLOPs / 2.
+The model is built abstractly (`nnx.eval_shape`) and the jitted eval-mode forward (batch 1, square tiles) is
+only lowered, never compiled or run, so even 1024x1024 costs about a second on a CPU. FLOPs are XLA's count
+on the lowered HLO: a multiply-add is 2 FLOPs, and element-wise ops (BatchNorm, ReLU, padding, ...) are
+included. The paper's Table 2 "GLOPs" (ResNeXt 41.01 M params, 16.26 / 260.23 at 256^2 / 1024^2; ConvNeXt
+97.81 M, 26.78 / 428.49) are most likely multiply-accumulates (e.g. thop/ptflops), so compare them with
+FLOPs / 2.
 
 With --json the last stdout line is one JSON object with at least `params`, `gflops_256`, `gflops_1024`
 (one `gflops_<size>` / `gmacs_<size>` pair per requested size).
@@ -27,7 +28,8 @@ from ml_collections import config_flags
 from dualunet_jax import models
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'K nucleus classes (default: config.dataset.num_classes).')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', None,
+                                    'K nucleus classes (default: config.dataset.num_classes).')
 _SIZES = flags.DEFINE_list('sizes', ['256', '1024'], 'Square tile sides for the FLOP count.')
 _JSON = flags.DEFINE_bool('json', False, 'Also print one JSON object as the last stdout line.')
 
@@ -89,12 +91,12 @@ def format_table(summary: dict[str, Any]) -> str:
   for size in sizes:
     lines.append(f"{f'{size}x{size}':<18}{summary[f'gflops_{size}']:>14.2f}{summary[f'gmacs_{size}']:>16.2f}")
   lines.append('')
-  lines.append('XLA counts FLOPs (a multiply-add = 2, element-wise ops included); the paper\'s Table 2 "GLOPs" are '
-               'most likely multiply-accumulates: compare them with FLOPs/2.')
+  lines.append('XLA counts FLOPs (a multiply-add = 2, element-wise ops included); the paper\'s Table 2 '
+               '"GLOPs" are most likely multiply-accumulates: compare them with FLOPs/2.')
   paper = PAPER_TABLE2.get(summary['encoder'])
   if paper and summary['width_multiplier'] == 1.0:
-    lines.append(f'Paper Table 2 ({summary["encoder"]}): {paper[0]:.2f} M params, {paper[1]:.2f} "GLOPs" at 256x256, '
-                 f'{paper[2]:.2f} at 1024x1024.')
+    lines.append(f'Paper Table 2 ({summary["encoder"]}): {paper[0]:.2f} M params, {paper[1]:.2f} "GLOPs" at '
+                 f'256x256, {paper[2]:.2f} at 1024x1024.')
   return '\n'.join(lines)
 
 

@@ -1,9 +1,9 @@
 """Tests for dualunet_jax.models: exact reference parameter counts (abstract, never materialised), forward
 shapes/dtypes, odd input sizes, bf16 vs f32, sharded vs single-device forward, train vs eval BatchNorm.
 
-Speed (2-core CPU): full-size models are only built with `nnx.eval_shape`. Tiny models (width 1/8) are also built
-abstractly and filled with numpy random values, because a real eager init compiles one XLA program per distinct
-parameter shape (tens of seconds on this machine); the initialisers themselves are checked on single layers.
+Speed (2-core CPU): full-size models are only built with `nnx.eval_shape`. Tiny models (width 1/8) are also
+built abstractly and filled with numpy random values, because a real eager init compiles one XLA program per
+distinct parameter shape (tens of seconds on this machine); the initialisers are checked on single layers.
 Forwards are compiled at XLA backend optimisation level 0 (about half the compile time; same numerics).
 """
 
@@ -41,8 +41,8 @@ REFERENCE_TENSORS = {'resnext50_32x4d': 223, 'convnext_base': 404}
 
 
 def _abstract(encoder: str, num_classes: int, width: float = 1.0, dtype=jnp.float32) -> models.DualUNet:
-  return nnx.eval_shape(lambda: models.DualUNet(encoder=encoder, num_classes=num_classes, width_multiplier=width,
-                                                dtype=dtype, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: models.DualUNet(encoder=encoder, num_classes=num_classes,
+                                                width_multiplier=width, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
 @functools.cache
@@ -52,8 +52,8 @@ def _abstract_shared(encoder: str, num_classes: int, width: float = 1.0) -> mode
 
 
 def _fill(state: nnx.State, seed: int = 0) -> nnx.State:
-  """Concrete random values for an abstract state: He-normal kernels, BN/LN scales U(0.3, 1) (keeps eval-mode
-  activations O(1) through the residual stacks, as trained networks have), non-trivial biases and statistics."""
+  """Concrete random values for an abstract state: He-normal kernels, BN/LN scales U(0.3, 1) (keeps
+  eval-mode activations O(1) through the residual stacks, as in trained networks), non-zero biases/stats."""
   rng = np.random.default_rng(seed)
 
   def value(path, leaf):
@@ -131,7 +131,8 @@ def test_width_multiplier_shrinks_about_60x(encoder):
 
 
 def test_build_model_reads_config_and_rejects_bad_values():
-  config = ml_collections.ConfigDict({'encoder': 'convnext_tiny', 'width_multiplier': TINY, 'dtype': 'bfloat16'})
+  config = ml_collections.ConfigDict({'encoder': 'convnext_tiny', 'width_multiplier': TINY,
+                                      'dtype': 'bfloat16'})
   model = nnx.eval_shape(lambda: models.build_model(config, 4, rngs=nnx.Rngs(0)))
   assert model.dtype == jnp.bfloat16 and model.class_head.out_features == 5
   assert [len(stage.blocks) for stage in model.encoder.stages] == [3, 3, 9, 3]
@@ -166,7 +167,7 @@ def test_initialisers_follow_pytorch_bounds():
   fan_in = 16 * 9
   shape = (3, 3, 16, 64)
   kaiming = unet_decoder.KAIMING_UNIFORM_RELU(key, shape)
-  assert float(jnp.abs(kaiming).max()) <= math.sqrt(6 / fan_in) and float(jnp.abs(kaiming).max()) > 0.9 * math.sqrt(6 / fan_in)
+  assert 0.9 * math.sqrt(6 / fan_in) < float(jnp.abs(kaiming).max()) <= math.sqrt(6 / fan_in)
   torch_default = unet_decoder.TORCH_DEFAULT_KERNEL(key, shape)
   assert 0.9 / math.sqrt(fan_in) < float(jnp.abs(torch_default).max()) <= 1 / math.sqrt(fan_in)
   bias = unet_decoder.torch_default_bias(fan_in)(key, (4096,))
@@ -211,8 +212,9 @@ def test_uint8_input_is_scaled_and_convnext_runs():
 
 
 def test_bfloat16_agrees_with_float32(resnext_tiny, resnext_tiny_batch4):
-  """Same float32 parameters, bf16 compute: max |diff| <= 5% of the float32 output range (bf16 has an 8-bit
-  mantissa, ~0.4% per rounding, accumulated over ~70 layers), and the argmax class agrees on >= 95% of pixels."""
+  """Same float32 parameters, bf16 compute: max |diff| <= 5% of the float32 output's max |value| (bf16 has an
+  8-bit mantissa, ~0.4% per rounding, accumulated over ~70 layers; measured ~1.1-1.7%), and the argmax class
+  agrees on >= 95% of pixels (measured 100%)."""
   _, state = resnext_tiny
   images, logits32, density32 = resnext_tiny_batch4
   model16 = _abstract('resnext50_32x4d', 3, TINY, jnp.bfloat16)

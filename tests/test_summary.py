@@ -22,7 +22,8 @@ def test_cli_json_last_line_has_params_and_gflops():
   result = json.loads(lines[-1])
   assert {'params', 'gflops_256', 'gflops_1024', 'gmacs_256', 'gmacs_1024', 'params_per_part'} <= set(result)
   assert result['params'] == result['params_per_part']['total'] > 0
-  assert result['params_per_part']['class_head'] == 6 * 8 * 9 + 6  # K + 1 = 6 outputs from 16 / 8 = 8 channels
+  # K + 1 = 6 outputs from 16 / 8 = 8 channels, 3x3, with bias.
+  assert result['params_per_part']['class_head'] == 6 * 8 * 9 + 6
   assert result['gmacs_256'] == result['gflops_256'] / 2
   # Convolutions dominate: 16x the pixels is ~16x the FLOPs.
   assert 15 < result['gflops_1024'] / result['gflops_256'] < 17
@@ -30,7 +31,8 @@ def test_cli_json_last_line_has_params_and_gflops():
 
 
 def test_summarize_and_table_in_process():
-  config = ml_collections.ConfigDict({'encoder': 'convnext_tiny', 'width_multiplier': 0.125, 'dtype': 'bfloat16'})
+  config = ml_collections.ConfigDict({'encoder': 'convnext_tiny', 'width_multiplier': 0.125,
+                                      'dtype': 'bfloat16'})
   result = summary.summarize(config, 2, sizes=(64,))
   assert set(result['params_per_part']) == {'encoder', 'class_decoder', 'density_decoder', 'class_head',
                                              'density_head', 'total'}

@@ -29,8 +29,8 @@ def compute_dtype(name: str) -> Any:
 def build_model(model_config: Any, num_classes: int, *, rngs: nnx.Rngs) -> DualUNet:
   """DualUNet from `config.model` (fields `encoder`, `width_multiplier`, `dtype`); K = num_classes."""
   return DualUNet(encoder=model_config.encoder, num_classes=num_classes,
-                  width_multiplier=float(model_config.width_multiplier), dtype=compute_dtype(model_config.dtype),
-                  rngs=rngs)
+                  width_multiplier=float(model_config.width_multiplier),
+                  dtype=compute_dtype(model_config.dtype), rngs=rngs)
 
 
 def parameter_counts(model: DualUNet) -> dict[str, int]:

@@ -16,8 +16,8 @@ Attribute path (under `DualUNet.encoder`) -> reference torch key (under `encoder
   stages[s].blocks[b].fc2.{kernel, bias}        <- stages.{s}.blocks.{b}.mlp.fc2.{weight [d, 4d] -> .T, bias}
 
 Stage 0 has no downsample (`downsample_norm`/`downsample_conv` are None). All LayerNorms eps 1e-6, GELU exact
-(erf), drop_path none. Initialisation as timm (trunc-normal std 0.02, zero biases, gamma 1e-6); the real weights
-come from ImageNet by conversion.
+(erf), drop_path none. Initialisation as timm (trunc-normal std 0.02, zero biases, gamma 1e-6); the real
+weights come from ImageNet by conversion.
 """
 
 from collections.abc import Sequence

@@ -4,23 +4,24 @@ Reference: `../shared/reference/dualunet_reference.md` §1 (model) and §9 (chec
 
 Top-level attribute -> reference torch prefix (the sub-module docstrings hold the full key mapping):
 
-  encoder          <- encoder.              (ResNeXt: resnext.py; ConvNeXt: `encoder.timm_model.`, convnext.py)
+  encoder          <- encoder.       (ResNeXt: resnext.py; ConvNeXt: `encoder.timm_model.`, convnext.py)
   class_decoder    <- decoder.  (older checkpoints: decoder_seg.)   (unet_decoder.py)
   class_head       <- segmentation_head.0.{weight [K+1, 16, 3, 3], bias}
   density_decoder  <- decoder_count.
   density_head     <- count_head.0.{weight [1, 16, 3, 3], bias}
 
-Input handling: RGB in [0, 1] (float) or 0..255 (integer, divided by 255), ImageNet mean/std normalisation inside
-the model, then reflect padding at the bottom/right up to a multiple of 32 (jnp.pad repeats the reflection when
-the pad is longer than the side, and a 1-pixel side is replicated), so any H, W works; outputs are cropped back
-to H, W. Reflect rather than zeros because a zero border is an artificial edge the network never saw in training.
+Input handling: RGB in [0, 1] (float) or 0..255 (integer, divided by 255), ImageNet mean/std normalisation
+inside the model, then reflect padding at the bottom/right up to a multiple of 32 (jnp.pad repeats the
+reflection when the pad is longer than the side, and a 1-pixel side is replicated), so any H, W works; outputs
+are cropped back to H, W. Reflect rather than zeros because a zero border is an artificial edge the network
+never saw in training.
 
 Precision: parameters are float32; `dtype` is the compute dtype of encoder and decoders (BatchNorm/LayerNorm
-statistics are reduced in float32 by Flax). The two heads (16 input channels, negligible cost) compute in float32
-and both outputs are float32.
+statistics are reduced in float32 by Flax). The two heads (16 input channels, negligible cost) compute in
+float32 and both outputs are float32.
 
-Mode: the model is built in training mode (BatchNorm uses batch statistics and updates its running averages, as
-a fresh PyTorch module); call `model.eval()` for inference and `model.train()` to go back.
+Mode: the model is built in training mode (BatchNorm uses batch statistics and updates its running averages,
+as a fresh PyTorch module); call `model.eval()` for inference and `model.train()` to go back.
 """
 
 import math
@@ -101,8 +102,8 @@ class DualUNet(nnx.Module):
                                kernel_init=unet_decoder.XAVIER_UNIFORM, bias_init=jax.nn.initializers.zeros,
                                dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
     self.density_decoder = unet_decoder.UNetDecoder(enc_ch, dec_ch, upsample,
-                                                    kernel_init=unet_decoder.TORCH_DEFAULT_KERNEL, dtype=dtype,
-                                                    rngs=rngs)
+                                                    kernel_init=unet_decoder.TORCH_DEFAULT_KERNEL,
+                                                    dtype=dtype, rngs=rngs)
     self.density_head = nnx.Conv(dec_ch[-1], 1, (3, 3), padding=((1, 1), (1, 1)),
                                  kernel_init=unet_decoder.TORCH_DEFAULT_KERNEL,
                                  bias_init=unet_decoder.torch_default_bias(dec_ch[-1] * 9),
@@ -133,5 +134,5 @@ class DualUNet(nnx.Module):
 
 
 def count_params(module: nnx.Module) -> int:
-  """Trainable parameters (nnx.Param) of a concrete or abstract (`nnx.eval_shape`) module; BN stats excluded."""
+  """Trainable parameters (nnx.Param) of a concrete or abstract (nnx.eval_shape) module; no BN stats."""
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)))

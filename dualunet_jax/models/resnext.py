@@ -4,7 +4,7 @@ Reference: `../shared/reference/dualunet_reference.md` §1.3 (architecture) and 
 
 Attribute path (this module, under `DualUNet.encoder`) -> reference torch key (under `encoder.`):
 
-  conv1.kernel            [7, 7, 3, 64]      <- conv1.weight [64, 3, 7, 7]      (OIHW -> HWIO: transpose(2, 3, 1, 0))
+  conv1.kernel [7, 7, 3, 64]                 <- conv1.weight [64, 3, 7, 7]  (OIHW -> HWIO: transpose 2,3,1,0)
   bn1.{scale, bias}                          <- bn1.{weight, bias}
   bn1.{mean, var}  (nnx.BatchStat)           <- bn1.{running_mean, running_var}  (num_batches_tracked dropped)
   layer{L}[b].conv{1,2,3}.kernel             <- layer{L}.{b}.conv{1,2,3}.weight  (conv2 is grouped: HWIO with

@@ -3,15 +3,15 @@
 Attribute path (under `DualUNet.class_decoder` / `DualUNet.density_decoder`) -> reference torch key (under
 `decoder.` (or `decoder_seg.`) / `decoder_count.`):
 
-  blocks[i].conv1.kernel  [3, 3, in_i + skip_i, out_i]  <- blocks.{i}.conv1.0.weight [out_i, in_i + skip_i, 3, 3]
-  blocks[i].bn1.{scale, bias, mean, var}                <- blocks.{i}.conv1.1.{weight, bias, running_mean, running_var}
-  blocks[i].conv2.kernel  [3, 3, out_i, out_i]          <- blocks.{i}.conv2.0.weight
-  blocks[i].bn2.*                                       <- blocks.{i}.conv2.1.*
+  blocks[i].conv1.kernel [3, 3, in_i + skip_i, out_i] <- blocks.{i}.conv1.0.weight [out_i, in_i + skip_i, 3,3]
+  blocks[i].bn1.{scale, bias, mean, var} <- blocks.{i}.conv1.1.{weight, bias, running_mean, running_var}
+  blocks[i].conv2.kernel [3, 3, out_i, out_i]       <- blocks.{i}.conv2.0.weight
+  blocks[i].bn2.*                                   <- blocks.{i}.conv2.1.*
 
-Block i: nearest upsample by `upsample[i]` (repeat), concat [x, skip] (x first), 2x (conv3x3 no bias -> BN -> ReLU).
-No residual, no attention, no center block. Layouts (the reference's per-block upsample factors):
-ResNeXt (2, 2, 2, 2, 2); ConvNeXt (2, 2, 2, 1, 4) for BOTH decoders (the reference's HEAD count decoder drops the
-final x4, a bug; see reference §1.5 / §8.2).
+Block i: nearest upsample by `upsample[i]` (repeat), concat [x, skip] (x first), 2x (conv3x3 no bias -> BN ->
+ReLU). No residual, no attention, no center block. Layouts (the reference's per-block upsample factors):
+ResNeXt (2, 2, 2, 2, 2); ConvNeXt (2, 2, 2, 1, 4) for BOTH decoders (the reference's HEAD count decoder drops
+the final x4, a bug; see reference §1.5 / §8.2).
 """
 
 from collections.abc import Callable, Sequence
@@ -25,7 +25,7 @@ from dualunet_jax.models.resnext import BN_EPSILON, BN_MOMENTUM
 
 Initializer = Callable[..., jax.Array]
 
-# Reference §1.7: the class decoder is re-initialised kaiming-uniform (fan_in, gain sqrt 2 -> bound sqrt(6/fan_in)).
+# Reference §1.7: class decoder re-initialised kaiming-uniform (fan_in, gain sqrt 2): U(+-sqrt(6/fan_in)).
 KAIMING_UNIFORM_RELU: Initializer = jax.nn.initializers.variance_scaling(2.0, 'fan_in', 'uniform')
 # PyTorch Conv2d default: kaiming_uniform_(a=sqrt 5) -> bound sqrt(6 / (6 fan_in)) = 1/sqrt(fan_in).
 TORCH_DEFAULT_KERNEL: Initializer = jax.nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
@@ -44,7 +44,7 @@ def torch_default_bias(fan_in: int) -> Initializer:
 
 
 def upsample_nearest(x: jax.Array, factor: int) -> jax.Array:
-  """F.interpolate(mode='nearest', scale_factor=factor) for integer factors. x: [B, H, W, C] -> [B, fH, fW, C]."""
+  """F.interpolate(mode='nearest', scale_factor=factor), integer factor. x: [B, H, W, C] -> [B, fH, fW, C]."""
   if factor == 1:
     return x
   return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
@@ -57,7 +57,8 @@ class DecoderBlock(nnx.Module):
                kernel_init: Initializer, dtype, rngs: nnx.Rngs):
     self.upsample = upsample
     conv = lambda cin, cout: nnx.Conv(cin, cout, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                                      kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                                      kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32,
+                                      rngs=rngs)
     bn = lambda c: nnx.BatchNorm(c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
                                  param_dtype=jnp.float32, rngs=rngs)
     self.conv1 = conv(in_channels + skip_channels, out_channels)
@@ -82,8 +83,8 @@ class UNetDecoder(nnx.Module):
     upsample: per-block nearest upsample factor, (2,) * 5 (ResNeXt) or (2, 2, 2, 1, 4) (ConvNeXt).
   """
 
-  def __init__(self, encoder_channels: Sequence[int], decoder_channels: Sequence[int], upsample: Sequence[int],
-               *, kernel_init: Initializer, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, encoder_channels: Sequence[int], decoder_channels: Sequence[int],
+               upsample: Sequence[int], *, kernel_init: Initializer, dtype=jnp.float32, rngs: nnx.Rngs):
     if len(encoder_channels) != 6 or len(decoder_channels) != 5 or len(upsample) != 5:
       raise ValueError('UNetDecoder needs 6 encoder channels, 5 decoder channels and 5 upsample factors, got '
                        f'{encoder_channels}, {decoder_channels}, {upsample}')
