@@ -284,6 +284,12 @@ def infer_architecture(shapes: Mapping[str, tuple[int, ...]], width_multiplier: 
     encoder = _convnext_variant(shapes, 'encoder.' + _CONVNEXT_PREFIX, width_multiplier, source)
   elif 'encoder.conv1.weight' in shapes:
     encoder = 'resnext50_32x4d'
+    stem = dualunet_lib.scale_channels(dualunet_lib.RESNEXT_STEM, width_multiplier)
+    if shapes['encoder.conv1.weight'][0] != stem:  # one line instead of hundreds of shape mismatches
+      raise ConversionError(f'{source}: encoder.conv1.weight has {shapes["encoder.conv1.weight"][0]} channels, '
+                            f'width_multiplier {width_multiplier} expects {stem}; set '
+                            '--config.model.width_multiplier to the width the file was trained at (1.0 for the '
+                            'released checkpoints)')
   else:
     raise ConversionError(f'{source}: no encoder keys (encoder.conv1.weight for ResNeXt, encoder.timm_model.* '
                           'for ConvNeXt)')

@@ -545,6 +545,12 @@ def test_num_classes_mismatch(tmp_path):
     _convert(_write(tmp_path, state))
 
 
+def test_width_mismatch_is_one_line(tmp_path, tiny_state):
+  with pytest.raises(convert.ConversionError, match=r'encoder\.conv1\.weight has 8 channels, width_multiplier '
+                     r'1\.0 expects 64; set --config\.model\.width_multiplier'):
+    convert.convert_checkpoint(_write(tmp_path, tiny_state), consep.get_config())
+
+
 def test_both_decoder_prefixes_is_an_error(tmp_path, tiny_state):
   state = dict(tiny_state, **{'decoder_seg.blocks.0.conv2.0.weight': tiny_state['decoder.blocks.0.conv2.0.weight']})
   with pytest.raises(convert.ConversionError, match=r"both map to 'decoder\.blocks\.0\.conv2\.0\.weight'"):
