@@ -166,7 +166,8 @@ def output_files(out_dir: pathlib.Path, name: str, formats: Sequence[str], is_sl
 class _Engine:
 
   def __init__(self, predictor: Predictor, out_dir: pathlib.Path, options: Options,
-               stop_after_rows: int | None):
+               stop_after_rows: int | None, executor: concurrent.futures.Executor | None = None):
+    self.executor = executor
     self.predictor = predictor
     self.out_dir = pathlib.Path(out_dir)
     self.opt = options
@@ -238,9 +239,10 @@ class _Engine:
     from tqdm.auto import tqdm
     opt = self.opt
     workers = opt.workers or os.cpu_count() or 1
-    self.pool = None
-    if workers > 1:
-      self.pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'))
+    own_pool = self.executor is None and workers > 1
+    self.pool = self.executor
+    if own_pool:
+      self.pool = make_pool(workers)
     self.max_outstanding = 2 * workers + opt.batch_size
     self.outstanding: collections.deque = collections.deque()
     self.jobs: list[_Job] = []
@@ -287,7 +289,7 @@ class _Engine:
           q.get(timeout=0.05)
         except queue.Empty:
           pass
-      if self.pool is not None:
+      if own_pool:
         self.pool.shutdown(wait=True, cancel_futures=True)
       self.pbar.close()
       for job in self.jobs:
@@ -402,8 +404,18 @@ class _Engine:
     logging.info('%s: %d nuclei from %d tiles -> %s', job.name, sum(counts), job.tiles_total, self.out_dir)
 
 
+def make_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+  """A spawn-context process pool for post-processing (JAX must not be forked), started right away: each
+  worker imports the post-processing stack while the device compiles, not when the first tile arrives."""
+  pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'))
+  for _ in range(workers):
+    pool.submit(tiling.warm_up)
+  return pool
+
+
 def predict(inputs: Sequence[InputSpec | str | os.PathLike], predictor: Predictor, output_dir: str | os.PathLike,
-            options: Options, *, stop_after_rows: int | None = None) -> list[dict]:
+            options: Options, *, stop_after_rows: int | None = None,
+            executor: concurrent.futures.Executor | None = None) -> list[dict]:
   """Runs tiled inference on every input and writes the requested outputs into `output_dir`.
 
   Args:
@@ -412,6 +424,7 @@ def predict(inputs: Sequence[InputSpec | str | os.PathLike], predictor: Predicto
     output_dir: created if needed; outputs are `<name>.<ext>` (see `exporters`).
     options: `Options`.
     stop_after_rows: raise `StopRun` after saving this many grid rows (simulates an interruption).
+    executor: a process pool to reuse across calls (`make_pool`); None = one per call when workers > 1.
   Returns:
     One summary dict per input processed (name, nuclei, counts per class, tiles, files, seconds).
   """
@@ -419,7 +432,7 @@ def predict(inputs: Sequence[InputSpec | str | os.PathLike], predictor: Predicto
   specs = [dataclasses.replace(s, path=pathlib.Path(s.path)) for s in specs]
   out_dir = pathlib.Path(output_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  return _Engine(predictor, out_dir, options, stop_after_rows).run(specs)
+  return _Engine(predictor, out_dir, options, stop_after_rows, executor).run(specs)
 
 
 def clean_work(output_dir: str | os.PathLike) -> None:

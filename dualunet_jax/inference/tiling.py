@@ -196,6 +196,13 @@ def contour(mask: np.ndarray) -> np.ndarray:
   return ring.astype(np.float32)
 
 
+def warm_up() -> None:
+  """Imports what `tile_instances` needs (submitted once per worker when a pool starts)."""
+  import scipy.ndimage  # noqa: F401
+  import skimage.measure  # noqa: F401
+  import dualunet_jax.postprocess  # noqa: F401
+
+
 def tile_instances(class_probs: np.ndarray, density: np.ndarray, tile: Tile, image_hw: tuple[int, int],
                    postprocess_kwargs: dict, want_masks: bool = False) -> dict[str, np.ndarray]:
   """Post-processes one tile and keeps the nuclei it owns (centroid in its core), in global coordinates.
