@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PYTHON) -m dualunet_jax.eval --config=configs/demo.py --workdir=workdirs/demo
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -n 2 -q tests
+	$(PYTHON) -m pytest -n 2 --dist loadfile -q tests
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -73,9 +73,9 @@ class Checkpointer:
 
   @staticmethod
   def _args(model: nnx.Module, optimizer: nnx.Optimizer | None, meta: dict) -> ocp.args.Composite:
-    items = {'model': ocp.args.StandardSave(nnx.state(model).to_pure_dict()), 'meta': ocp.args.JsonSave(meta)}
+    items = {'model': ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))), 'meta': ocp.args.JsonSave(meta)}
     if optimizer is not None:
-      items['optimizer'] = ocp.args.StandardSave(nnx.state(optimizer).to_pure_dict())
+      items['optimizer'] = ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer)))
     return ocp.args.Composite(**items)
 
   def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, meta: dict) -> None:
@@ -105,8 +105,8 @@ class Checkpointer:
     step = self.periodic.latest_step()
     model_state, opt_state = nnx.state(model), nnx.state(optimizer)
     restored = self.periodic.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(_abstract(model_state.to_pure_dict())),
-        optimizer=ocp.args.StandardRestore(_abstract(opt_state.to_pure_dict())),
+        model=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(model_state))),
+        optimizer=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(opt_state))),
         meta=ocp.args.JsonRestore()))
     nnx.replace_by_pure_dict(model_state, restored['model'])
     nnx.replace_by_pure_dict(opt_state, restored['optimizer'])
@@ -158,7 +158,7 @@ def _restore_into(directory: pathlib.Path, step: int, model: nnx.Module) -> dict
   state = nnx.state(model)
   with ocp.CheckpointManager(directory, item_names=('model', 'optimizer', 'meta')) as mgr:
     restored = mgr.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(_abstract(state.to_pure_dict())), meta=ocp.args.JsonRestore()))
+        model=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(state))), meta=ocp.args.JsonRestore()))
   nnx.replace_by_pure_dict(state, restored['model'])
   nnx.update(model, state)
   return dict(restored['meta'], step=step)

@@ -164,8 +164,9 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
 
 # ------------------------------------------------------------------------------------------- overlays
 
-CLASS_COLOURS = np.array([(0, 0, 0), (255, 0, 0), (0, 200, 0), (0, 90, 255), (255, 200, 0), (200, 0, 255),
-                          (0, 220, 220), (255, 120, 0)], np.uint8)
+# Class 0 unused; then red, green, yellow, cyan, magenta, orange, white: all visible on H&E's pink and purple.
+CLASS_COLOURS = np.array([(0, 0, 0), (255, 0, 0), (0, 200, 0), (255, 230, 0), (0, 230, 230), (255, 0, 255),
+                          (255, 140, 0), (255, 255, 255)], np.uint8)
 
 
 def class_colour(c: int) -> tuple[int, int, int]:

@@ -7,6 +7,11 @@ import pathlib
 # are exercised on a CPU-only machine. Single-device code simply uses the default (first) device.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Tests compile the same tiny models many times (one jit per run); a persistent cache shared by the test
+# workers turns repeats into cache hits.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(pathlib.Path(__file__).resolve().parents[1] / '.data' /
+                                                       'jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pytest  # noqa: E402
 
