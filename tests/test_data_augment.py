@@ -96,6 +96,7 @@ def test_non_square_rot90_keeps_shape():
 
 def test_deterministic_per_key_and_jit():
   batch = _batch(b=4)
+  batch['valid'] = np.array([True, True, True, False])  # per-sample scalars pass through
   cfg = _config(flips=True, rot90=True, hed_scale=0.05, hed_shift=0.05, color_jitter=0.2, blur_sigma=1.0,
                 elastic_alpha=2.0)
   fn = jax.jit(lambda key, b: augment.augment_batch(key, b, cfg))
@@ -105,6 +106,7 @@ def test_deterministic_per_key_and_jit():
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
   assert not np.array_equal(a['image'], c['image'])
+  np.testing.assert_array_equal(a['valid'], batch['valid'])
   assert float(a['image'].min()) >= 0.0 and float(a['image'].max()) <= 1.0
 
 

@@ -179,15 +179,17 @@ def _augment_one(key: jax.Array, sample: Batch, strengths: dict[str, jax.Array],
     else:
       k = jnp.int32(0)
     for name in out:
-      out[name] = _dihedral(out[name], hflip, vflip, k, square)
+      if out[name].ndim >= 2:  # per-sample scalars (e.g. eval's 'valid') are not spatial
+        out[name] = _dihedral(out[name], hflip, vflip, k, square)
 
   if elastic_sigma:
     field = _elastic_field(k_el, (h, w), strengths['elastic_alpha'], elastic_sigma)
     gy, gx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing='ij')
     yy, xx = gy + field[..., 0], gx + field[..., 1]
     for name in out:
-      sampler = _sample_nearest if name in _MAP_KEYS else _sample_bilinear
-      out[name] = sampler(out[name], yy, xx)
+      if out[name].ndim >= 2:
+        sampler = _sample_nearest if name in _MAP_KEYS else _sample_bilinear
+        out[name] = sampler(out[name], yy, xx)
 
   image = out['image']
   if hed:
@@ -208,7 +210,7 @@ def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], augment_config
     key: one PRNG key for the whole step (split per sample inside).
     batch: {'image': uint8[B, H, W, 3], 'class_map': int32[B, H, W], 'density': float32[B, H, W],
       'instance_map': int32[B, H, W] (optional)}; any other [B, H, W, ...] array is moved with the geometry
-      (nearest resampling only for class/instance maps; bilinear otherwise).
+      (nearest resampling only for class/instance maps; bilinear otherwise); [B] arrays pass through.
     augment_config: `config.augment` (ConfigDict or mapping): flips, rot90 (bools), hed_scale, hed_shift,
       color_jitter, blur_sigma, elastic_alpha (RMS displacement, pixels), elastic_sigma (smoothness, pixels).
       Read at trace time: pass it as a closure / static argument under `jax.jit`.
