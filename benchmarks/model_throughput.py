@@ -81,9 +81,10 @@ def random_state(state: nnx.State, seed: int = 0) -> nnx.State:
 
 
 def graphdef_for(dtype: str):
-  model = nnx.eval_shape(lambda: models.DualUNet(encoder=_ENCODER.value, num_classes=_NUM_CLASSES.value,
-                                                 width_multiplier=_WIDTH.value,
-                                                 dtype=models.compute_dtype(dtype), rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda rngs: models.DualUNet(encoder=_ENCODER.value, num_classes=_NUM_CLASSES.value,
+                                                     width_multiplier=_WIDTH.value,
+                                                     dtype=models.compute_dtype(dtype), rngs=rngs),
+                         nnx.Rngs(0))
   model.eval()
   return nnx.split(model)
 

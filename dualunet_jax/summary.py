@@ -60,7 +60,7 @@ def forward_flops(model: models.DualUNet, size: int, batch: int = 1) -> float:
 
 def summarize(model_config: Any, num_classes: int, sizes: Sequence[int] = (256, 1024)) -> dict[str, Any]:
   """Parameter counts per part and GFLOPs / GMACs (= FLOPs / 2) per tile size, from an abstract model."""
-  model = nnx.eval_shape(lambda: models.build_model(model_config, num_classes, rngs=nnx.Rngs(0)))
+  model = models.abstract_model(model_config, num_classes)
   counts = models.parameter_counts(model)
   result: dict[str, Any] = {
       'encoder': model_config.encoder,

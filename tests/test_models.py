@@ -41,8 +41,9 @@ REFERENCE_TENSORS = {'resnext50_32x4d': 223, 'convnext_base': 404}
 
 
 def _abstract(encoder: str, num_classes: int, width: float = 1.0, dtype=jnp.float32) -> models.DualUNet:
-  return nnx.eval_shape(lambda: models.DualUNet(encoder=encoder, num_classes=num_classes,
-                                                width_multiplier=width, dtype=dtype, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda rngs: models.DualUNet(encoder=encoder, num_classes=num_classes,
+                                                     width_multiplier=width, dtype=dtype, rngs=rngs),
+                        nnx.Rngs(0))
 
 
 @functools.cache
@@ -133,7 +134,7 @@ def test_width_multiplier_shrinks_about_60x(encoder):
 def test_build_model_reads_config_and_rejects_bad_values():
   config = ml_collections.ConfigDict({'encoder': 'convnext_tiny', 'width_multiplier': TINY,
                                       'dtype': 'bfloat16'})
-  model = nnx.eval_shape(lambda: models.build_model(config, 4, rngs=nnx.Rngs(0)))
+  model = models.abstract_model(config, 4)
   assert model.dtype == jnp.bfloat16 and model.class_head.out_features == 5
   assert [len(stage.blocks) for stage in model.encoder.stages] == [3, 3, 9, 3]
   assert model.encoder.stages[3].blocks[0].fc1.kernel.shape == (96, 384)  # dim 768 / 8, MLP ratio 4
