@@ -1,7 +1,7 @@
-"""PyTorch checkpoints -> Flax NNX DualU-Net: reference checkpoints to Orbax workdirs, ImageNet encoder weights.
+"""PyTorch checkpoints -> Flax NNX DualU-Net: reference checkpoints to Orbax workdirs, ImageNet encoders.
 
-Convert a reference DualU-Net checkpoint (`torch.save({'model': state_dict, ...})` or a bare state dict) into a
-workdir that `dualunet_jax.eval` / `dualunet_jax.predict` load:
+Convert a reference DualU-Net checkpoint (`torch.save({'model': state_dict, ...})` or a bare state dict) into
+a workdir that `dualunet_jax.eval` / `dualunet_jax.predict` load:
 
     python -m dualunet_jax.convert --from=consep-combined-resnext.pth --config=configs/consep.py \
         --workdir=workdirs/consep-reference-resnext
@@ -9,8 +9,8 @@ workdir that `dualunet_jax.eval` / `dualunet_jax.predict` load:
 Library entry points:
 
   load_state_dict(path)                 -> {key: float32 ndarray}; `.safetensors` without torch, anything else
-                                           with `torch.load(map_location='cpu', weights_only=True)` (never runs
-                                           code from the file)
+                                           with `torch.load(map_location='cpu', weights_only=True)` (never
+                                           runs code from the file)
   convert_checkpoint(path, config)      -> (model in eval mode, config with the encoder the file holds, info)
   convert_to_workdir(path, config, W)   -> W, an Orbax checkpoint at step 0 (both `last` and `best`)
   load_encoder_weights(model, path)     -> sets every encoder parameter/statistic from torchvision
@@ -95,7 +95,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
       tensors = st_numpy.load_file(str(path))
     except Exception as e:  # safetensors raises its own error type on truncated/corrupt headers
-      raise ConversionError(f'{path}: cannot read as .safetensors (truncated or corrupt?): {_one_line(e)}') from e
+      raise ConversionError(
+          f'{path}: cannot read as .safetensors (truncated or corrupt?): {_one_line(e)}') from e
     return {k: _to_numpy(v) for k, v in tensors.items()}
   try:
     import torch
@@ -118,8 +119,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   out = {}
   for key, value in obj.items():
     if not isinstance(value, torch.Tensor):
-      raise ConversionError(f'{path}: entry {key!r} is a {type(value).__name__}, not a tensor; expected a state '
-                            'dict or a dict with "model"')
+      raise ConversionError(f'{path}: entry {key!r} is a {type(value).__name__}, not a tensor; expected a '
+                            'state dict or a dict with "model"')
     value = value.detach().cpu()
     out[key] = (value.float() if value.is_floating_point() else value).numpy()
   return out
@@ -154,7 +155,8 @@ def normalize_keys(state_dict: Mapping[str, np.ndarray], source: str = 'checkpoi
 
 def _join(path: Iterable[str | int], names: Mapping[str, str]) -> str:
   *inner, leaf = path
-  return '.'.join([names.get(p, p) if isinstance(p, str) else str(p) for p in inner] + [_LEAF.get(leaf, leaf)])
+  inner = [names.get(p, p) if isinstance(p, str) else str(p) for p in inner]
+  return '.'.join(inner + [_LEAF.get(leaf, leaf)])
 
 
 def encoder_key(path: Path, convnext: bool) -> str:
@@ -163,7 +165,7 @@ def encoder_key(path: Path, convnext: bool) -> str:
 
 
 def torch_key(path: Path, convnext: bool) -> str:
-  """Full-model state path -> reference DualU-Net key, e.g. ('class_head', 'kernel') -> segmentation_head.0.weight."""
+  """Full-model state path -> reference key, e.g. ('class_head', 'kernel') -> segmentation_head.0.weight."""
   part, rest = path[0], path[1:]
   if part == 'encoder':
     return 'encoder.' + (_CONVNEXT_PREFIX if convnext else '') + encoder_key(rest, convnext)
@@ -196,7 +198,8 @@ def _to_flax(path: Path, value: np.ndarray) -> np.ndarray:
 def _flat_shapes(module: nnx.Module) -> dict[Path, tuple[int, ...]]:
   """Every parameter and BatchNorm statistic of a concrete or abstract module: path -> shape."""
   pure = nnx.to_pure_dict(nnx.state(module))
-  return {tuple(k.key for k in keys): tuple(leaf.shape) for keys, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
+  leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
+  return {tuple(k.key for k in keys): tuple(leaf.shape) for keys, leaf in leaves}
 
 
 def _is_convnext(model: nnx.Module) -> bool:
@@ -258,7 +261,7 @@ def _assign(module: nnx.Module, values: Mapping[Path, np.ndarray]) -> None:
 
 def _convnext_variant(shapes: Mapping[str, tuple[int, ...]], prefix: str, width_multiplier: float,
                       source: str) -> str:
-  """Variant name ('convnext_base', ...) of timm ConvNeXt keys under `prefix`, from stage depths and widths."""
+  """Variant name ('convnext_base', ...) of the timm ConvNeXt keys under `prefix`, from depths and widths."""
   depths, dims = [], []
   for s in range(4):
     marker = f'{prefix}stages.{s}.blocks.'
@@ -278,7 +281,7 @@ def infer_architecture(shapes: Mapping[str, tuple[int, ...]], width_multiplier: 
   """(encoder name, K classes) of a normalised reference DualU-Net state dict (key -> shape)."""
   head = shapes.get('segmentation_head.0.weight')
   if head is None:
-    raise ConversionError(f'{source}: no segmentation_head.0.weight; not a DualU-Net checkpoint? (first keys: '
+    raise ConversionError(f'{source}: no segmentation_head.0.weight; not a DualU-Net checkpoint? (keys: '
                           f'{_listing(sorted(shapes))})')
   if any(k.startswith('encoder.' + _CONVNEXT_PREFIX) for k in shapes):
     encoder = _convnext_variant(shapes, 'encoder.' + _CONVNEXT_PREFIX, width_multiplier, source)
@@ -286,13 +289,13 @@ def infer_architecture(shapes: Mapping[str, tuple[int, ...]], width_multiplier: 
     encoder = 'resnext50_32x4d'
     stem = dualunet_lib.scale_channels(dualunet_lib.RESNEXT_STEM, width_multiplier)
     if shapes['encoder.conv1.weight'][0] != stem:  # one line instead of hundreds of shape mismatches
-      raise ConversionError(f'{source}: encoder.conv1.weight has {shapes["encoder.conv1.weight"][0]} channels, '
-                            f'width_multiplier {width_multiplier} expects {stem}; set '
-                            '--config.model.width_multiplier to the width the file was trained at (1.0 for the '
-                            'released checkpoints)')
+      raise ConversionError(f'{source}: encoder.conv1.weight has {shapes["encoder.conv1.weight"][0]} '
+                            f'channels, width_multiplier {width_multiplier} expects {stem}; set '
+                            '--config.model.width_multiplier to the width the file was trained at (1.0 for '
+                            'the released checkpoints)')
   else:
-    raise ConversionError(f'{source}: no encoder keys (encoder.conv1.weight for ResNeXt, encoder.timm_model.* '
-                          'for ConvNeXt)')
+    raise ConversionError(f'{source}: no encoder keys (encoder.conv1.weight for ResNeXt, '
+                          'encoder.timm_model.* for ConvNeXt)')
   return encoder, int(head[0]) - 1
 
 
@@ -306,7 +309,8 @@ def convert_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], 
   targets = _flat_shapes(model)
   shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
   plan = match_keys(targets, shapes, lambda p: torch_key(p, convnext), source=source)
-  _assign(model, {path: _to_flax(path, np.asarray(state_dict[key], np.float32)) for path, key in plan.items()})
+  _assign(model,
+          {path: _to_flax(path, np.asarray(state_dict[key], np.float32)) for path, key in plan.items()})
 
 
 def convert_checkpoint(path: str | os.PathLike, config: ml_collections.ConfigDict
@@ -321,8 +325,8 @@ def convert_checkpoint(path: str | os.PathLike, config: ml_collections.ConfigDic
   width = float(config.model.width_multiplier)
   encoder, num_classes = infer_architecture({k: np.shape(v) for k, v in state_dict.items()}, width, source)
   if num_classes != config.dataset.num_classes:
-    raise ConversionError(f'{source}: segmentation_head.0.weight has {num_classes + 1} channels ({num_classes} '
-                          f'classes + background) but config.dataset.num_classes is '
+    raise ConversionError(f'{source}: segmentation_head.0.weight has {num_classes + 1} channels '
+                          f'({num_classes} classes + background) but config.dataset.num_classes is '
                           f'{config.dataset.num_classes}; use the config of the dataset it was trained on')
   config = ml_collections.ConfigDict(config.to_dict())  # a copy, unlocked
   if encoder != config.model.encoder:
@@ -366,7 +370,8 @@ def _from_facebook_convnext(key: str) -> str:
   key = re.sub(r'^downsample_layers\.0\.', 'stem.', key)
   key = re.sub(r'^downsample_layers\.(\d+)\.(\d+)\.', r'stages.\1.downsample.\2.', key)
   key = re.sub(r'^stages\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.', key)
-  key = key.replace('.dwconv.', '.conv_dw.').replace('.pwconv1.', '.mlp.fc1.').replace('.pwconv2.', '.mlp.fc2.')
+  key = key.replace('.dwconv.', '.conv_dw.')
+  key = key.replace('.pwconv1.', '.mlp.fc1.').replace('.pwconv2.', '.mlp.fc2.')
   return re.sub(r'^norm\.', 'head.norm.', key)  # the final norm belongs to the classifier head
 
 
@@ -401,8 +406,8 @@ def load_encoder_weights(model: models.DualUNet, path: str | os.PathLike) -> Non
     shapes = {k: np.shape(v) for k, v in state_dict.items()}
     variant = _convnext_variant(shapes, '', float(model.width_multiplier), source)
     if variant != model.encoder_name:
-      raise ConversionError(f'{source}: holds {variant} weights but the model encoder is {model.encoder_name}; '
-                            f'set --config.model.encoder={variant}')
+      raise ConversionError(f'{source}: holds {variant} weights but the model encoder is '
+                            f'{model.encoder_name}; set --config.model.encoder={variant}')
   targets = _flat_shapes(model.encoder)
   shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
   plan = match_keys(targets, shapes, lambda p: encoder_key(p, convnext), source=source,

@@ -139,7 +139,7 @@ def test_encoder_inferred_from_keys(encoder):
 
 @pytest.mark.parametrize('encoder', ['resnext50_32x4d', 'convnext_tiny', 'convnext_base'])
 def test_full_size_key_set_and_shapes_match_reference(encoder):
-  """Every full-size target maps to exactly the reference key set with the reference shapes (no allocation)."""
+  """Every full-size target maps to exactly the reference key set and shapes (abstract: no allocation)."""
   expected = reference_shapes(encoder)
   assert convert.expected_torch_shapes(abstract_model(encoder)) == expected
   # §9 / §1.8 literal cross-checks: entries incl. num_batches_tracked, parameter tensors.
@@ -166,7 +166,8 @@ def test_plan_on_full_convnext_base_shapes():
                         'encoder.timm_model.stages.3.blocks.2.gamma': (7,)})
   with pytest.raises(convert.ConversionError, match=r'^ref: 1 source keys are left over: '
                      r'encoder\.timm_model\.head\.fc\.weight; 1 shapes differ: '
-                     r'encoder\.timm_model\.stages\.3\.blocks\.2\.gamma is \[7\], the model expects \[1024\]$'):
+                     r'encoder\.timm_model\.stages\.3\.blocks\.2\.gamma is \[7\], '
+                     r'the model expects \[1024\]$'):
     convert.match_keys(targets, bad, key_fn, source='ref')
 
 
@@ -315,7 +316,8 @@ def torch_dualunet(torch, encoder: str, wm: float, num_classes: int = K):
   class DualUNet(nn.Module):
     def __init__(self):
       super().__init__()
-      self.encoder = ResNeXt() if encoder == 'resnext50_32x4d' else ConvNeXtEncoder(encoder[len('convnext_'):])
+      resnext = encoder == 'resnext50_32x4d'
+      self.encoder = ResNeXt() if resnext else ConvNeXtEncoder(encoder[len('convnext_'):])
       dec = [s(c) for c in (256, 128, 64, 32, 16)]
       up = (2, 2, 2, 2, 2) if encoder == 'resnext50_32x4d' else (2, 2, 2, 1, 4)
       self.decoder = Decoder(self.encoder.channels, dec, up)
@@ -376,20 +378,22 @@ def _assert_close(got, want, tol=1e-4):
     assert diff <= tol
 
 
-@pytest.mark.parametrize('encoder, wrap', [('resnext50_32x4d', 'training_dict'), ('convnext_tiny', 'ddp_seg')])
+@pytest.mark.parametrize('encoder, wrap',
+                         [('resnext50_32x4d', 'training_dict'), ('convnext_tiny', 'ddp_seg')])
 def test_tiny_model_matches_torch(torch_mod, tmp_path, encoder, wrap):
-  """Whole tiny model (bottlenecks with grouped convs / ConvNeXt blocks, both decoders, heads): torch == JAX."""
+  """Whole tiny model (grouped-conv bottlenecks / ConvNeXt blocks, both decoders, heads): torch == JAX."""
   torch = torch_mod
   ref = torch_dualunet(torch, encoder, TINY)
   state = ref.state_dict()
-  assert {k: tuple(v.shape) for k, v in state.items()} == reference_shapes(encoder, wm=TINY, batches_tracked=True)
+  assert ({k: tuple(v.shape) for k, v in state.items()}
+          == reference_shapes(encoder, wm=TINY, batches_tracked=True))
   if wrap == 'training_dict':  # what the reference train.py writes
     opt = torch.optim.Adam(ref.parameters())
     obj = {'model': state, 'optimizer': opt.state_dict(), 'epoch': 100,
            'lr_scheduler': torch.optim.lr_scheduler.MultiStepLR(opt, [70, 90]).state_dict()}
   else:  # a bare DDP state dict with the Feb-2025 decoder name
-    obj = {'module.' + k.replace('decoder.', 'decoder_seg.', 1) if k.startswith('decoder.') else 'module.' + k: v
-           for k, v in state.items()}
+    rename = lambda k: 'decoder_seg.' + k[len('decoder.'):] if k.startswith('decoder.') else k
+    obj = {'module.' + rename(k): v for k, v in state.items()}
   path = tmp_path / 'ref.pth'
   torch.save(obj, path)
   config = tiny_config('resnext50_32x4d')
@@ -411,14 +415,15 @@ def test_cli_round_trip_through_orbax(torch_mod, tmp_path):
   # restore_for_inference, except that the model is built abstractly: its concrete random initialisation
   # compiles ~70 initialisers (a minute on a loaded 2-core CPU) only to overwrite them.
   config = checkpointing.load_config(workdir)
-  model = nnx.eval_shape(lambda: models.build_model(config.model, config.dataset.num_classes, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+      lambda: models.build_model(config.model, config.dataset.num_classes, rngs=nnx.Rngs(0)))
   assert checkpointing.restore_model(workdir, model)['step'] == 0
   model.eval()
   assert config.model.encoder == 'resnext50_32x4d' and config.dataset.num_classes == K
   _assert_close(jax_outputs(model, IMAGES), torch_outputs(torch, ref, IMAGES))
   # A second conversion into the same workdir is refused rather than mixing checkpoints.
-  with pytest.raises(convert.ConversionError, match=r'w/checkpoints: already holds checkpoints; convert into a '
-                     r'new --workdir'):
+  with pytest.raises(convert.ConversionError,
+                     match=r'w/checkpoints: already holds checkpoints; convert into a new --workdir'):
     convert.convert_to_workdir(tmp_path / 'ref.pth', config, workdir)
 
 
@@ -433,7 +438,8 @@ def no_torch(monkeypatch):
 
 def _flat_values(module) -> dict[tuple, np.ndarray]:
   pure = nnx.to_pure_dict(nnx.state(module))
-  return {tuple(k.key for k in keys): np.asarray(v) for keys, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
+  leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
+  return {tuple(k.key for k in keys): np.asarray(v) for keys, v in leaves}
 
 
 def test_safetensors_without_torch(no_torch, tmp_path):
@@ -450,7 +456,8 @@ def test_safetensors_without_torch(no_torch, tmp_path):
                                 state[p + 'blocks.2.conv_dw.weight'].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(values[('encoder', 'stages', 1, 'blocks', 2, 'fc1', 'kernel')],
                                 state[p + 'blocks.2.mlp.fc1.weight'].T)
-  np.testing.assert_array_equal(values[('encoder', 'stages', 1, 'blocks', 2, 'gamma')], state[p + 'blocks.2.gamma'])
+  np.testing.assert_array_equal(values[('encoder', 'stages', 1, 'blocks', 2, 'gamma')],
+                                state[p + 'blocks.2.gamma'])
   np.testing.assert_array_equal(values[('density_decoder', 'blocks', 4, 'bn2', 'var')],
                                 state['decoder_count.blocks.4.conv2.1.running_var'])
   np.testing.assert_array_equal(values[('class_head', 'bias')], state['segmentation_head.0.bias'])
@@ -459,8 +466,8 @@ def test_safetensors_without_torch(no_torch, tmp_path):
 
 def test_pth_without_torch_names_the_extra(no_torch, tmp_path):
   (tmp_path / 'ref.pth').write_bytes(b'PK')
-  with pytest.raises(convert.ConversionError, match=r'ref\.pth: reading PyTorch files needs torch; install the '
-                     r'\[convert\] extra'):
+  with pytest.raises(convert.ConversionError,
+                     match=r'ref\.pth: reading PyTorch files needs torch; install the \[convert\] extra'):
     convert.load_state_dict(tmp_path / 'ref.pth')
 
 
@@ -484,7 +491,8 @@ def _convert(path, encoder='resnext50_32x4d'):
 def test_truncated_safetensors(tmp_path, tiny_state):
   data = _write(tmp_path, tiny_state).read_bytes()
   (tmp_path / 'cut.safetensors').write_bytes(data[:len(data) // 2])
-  with pytest.raises(convert.ConversionError, match=r'cut\.safetensors: cannot read as \.safetensors \(truncated'):
+  with pytest.raises(convert.ConversionError,
+                     match=r'cut\.safetensors: cannot read as \.safetensors \(truncated'):
     _convert(tmp_path / 'cut.safetensors')
 
 
@@ -492,7 +500,8 @@ def test_truncated_pth(torch_mod, tmp_path, tiny_state):
   torch_mod.save({'model': {k: torch_mod.from_numpy(v) for k, v in tiny_state.items()}}, tmp_path / 'ref.pth')
   data = (tmp_path / 'ref.pth').read_bytes()
   (tmp_path / 'cut.pth').write_bytes(data[:len(data) // 2])
-  with pytest.raises(convert.ConversionError, match=r'cut\.pth: cannot read as a PyTorch checkpoint .*truncated'):
+  with pytest.raises(convert.ConversionError,
+                     match=r'cut\.pth: cannot read as a PyTorch checkpoint .*truncated'):
     _convert(tmp_path / 'cut.pth')
 
 
@@ -534,25 +543,27 @@ def test_extra_key(tmp_path, tiny_state):
 def test_wrong_shape(tmp_path, tiny_state):
   state = dict(tiny_state, **{'encoder.layer2.0.conv2.weight': np.zeros((32, 2, 3, 3), np.float32)})
   with pytest.raises(convert.ConversionError, match=r'ref\.safetensors: 1 shapes differ: '
-                     r'encoder\.layer2\.0\.conv2\.weight is \[32, 2, 3, 3\], the model expects \[32, 1, 3, 3\]$'):
+                     r'encoder\.layer2\.0\.conv2\.weight is \[32, 2, 3, 3\], '
+                     r'the model expects \[32, 1, 3, 3\]$'):
     _convert(_write(tmp_path, state))
 
 
 def test_num_classes_mismatch(tmp_path):
   state = random_state_dict(reference_shapes('resnext50_32x4d', num_classes=5, wm=TINY))
-  with pytest.raises(convert.ConversionError, match=r'segmentation_head\.0\.weight has 6 channels \(5 classes '
-                     r'\+ background\) but config\.dataset\.num_classes is 4'):
+  with pytest.raises(convert.ConversionError, match=r'segmentation_head\.0\.weight has 6 channels '
+                     r'\(5 classes \+ background\) but config\.dataset\.num_classes is 4'):
     _convert(_write(tmp_path, state))
 
 
 def test_width_mismatch_is_one_line(tmp_path, tiny_state):
-  with pytest.raises(convert.ConversionError, match=r'encoder\.conv1\.weight has 8 channels, width_multiplier '
-                     r'1\.0 expects 64; set --config\.model\.width_multiplier'):
+  with pytest.raises(convert.ConversionError, match=r'encoder\.conv1\.weight has 8 channels, '
+                     r'width_multiplier 1\.0 expects 64; set --config\.model\.width_multiplier'):
     convert.convert_checkpoint(_write(tmp_path, tiny_state), consep.get_config())
 
 
 def test_both_decoder_prefixes_is_an_error(tmp_path, tiny_state):
-  state = dict(tiny_state, **{'decoder_seg.blocks.0.conv2.0.weight': tiny_state['decoder.blocks.0.conv2.0.weight']})
+  state = dict(tiny_state)
+  state['decoder_seg.blocks.0.conv2.0.weight'] = tiny_state['decoder.blocks.0.conv2.0.weight']
   with pytest.raises(convert.ConversionError, match=r"both map to 'decoder\.blocks\.0\.conv2\.0\.weight'"):
     _convert(_write(tmp_path, state))
 
@@ -587,7 +598,8 @@ def _imagenet(encoder: str, wm: float, batches_tracked: bool = True) -> dict[str
 
 def test_full_resnext_imagenet_pth(torch_mod, tmp_path):
   """The full torchvision resnext50_32x4d key set (23M floats, fc ignored) sets every encoder tensor."""
-  state = {k: torch_mod.from_numpy(v) for k, v in random_state_dict(_imagenet('resnext50_32x4d', 1.0)).items()}
+  arrays = random_state_dict(_imagenet('resnext50_32x4d', 1.0))
+  state = {k: torch_mod.from_numpy(v) for k, v in arrays.items()}
   torch_mod.save(state, tmp_path / 'resnext50_32x4d.pth')
   model = abstract_model('resnext50_32x4d')  # encoder values become concrete; decoders stay abstract
   convert.load_encoder_weights(model, tmp_path / 'resnext50_32x4d.pth')
@@ -604,8 +616,8 @@ def test_timm_convnext_safetensors_keeps_decoders(no_torch, tmp_path):
   state = random_state_dict(_imagenet('convnext_tiny', TINY, batches_tracked=False))
   path = _write(tmp_path, state, 'convnext_tiny.safetensors')
   # Built abstractly so that "nothing else is touched" is visible: every other leaf stays a ShapeDtypeStruct.
-  model = nnx.eval_shape(lambda: models.DualUNet(encoder='convnext_tiny', num_classes=K, width_multiplier=TINY,
-                                                 rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: models.DualUNet(encoder='convnext_tiny', num_classes=K,
+                                                 width_multiplier=TINY, rngs=nnx.Rngs(0)))
   convert.load_encoder_weights(model, path)
   leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]
   for keys, leaf in leaves:
@@ -621,7 +633,8 @@ def test_facebook_convnext_keys(no_torch, tmp_path):
   fb = {}
   for key, value in timm.items():
     new = key.replace('stem.', 'downsample_layers.0.').replace('.conv_dw.', '.dwconv.')
-    new = new.replace('.mlp.fc1.', '.pwconv1.').replace('.mlp.fc2.', '.pwconv2.').replace('head.norm.', 'norm.')
+    new = new.replace('.mlp.fc1.', '.pwconv1.').replace('.mlp.fc2.', '.pwconv2.')
+    new = new.replace('head.norm.', 'norm.')
     new = new.replace('head.fc.', 'head.').replace('.blocks.', '.')
     for st in (1, 2, 3):
       new = new.replace(f'stages.{st}.downsample.', f'downsample_layers.{st}.')
@@ -643,8 +656,8 @@ def test_encoder_init_errors(no_torch, tmp_path):
                      r'conv1\.weight, layer2\.1\.bn2\.running_mean$'):
     convert.load_encoder_weights(model, _write(tmp_path, state, 'r.safetensors'))
   timm = random_state_dict(_imagenet('convnext_tiny', TINY))
-  with pytest.raises(convert.ConversionError, match=r'c\.safetensors: holds timm ConvNeXt .* keys but the model '
-                     r'encoder is resnext50_32x4d'):
+  with pytest.raises(convert.ConversionError, match=r'c\.safetensors: holds timm ConvNeXt .* keys but the '
+                     r'model encoder is resnext50_32x4d'):
     convert.load_encoder_weights(model, _write(tmp_path, timm, 'c.safetensors'))
   with pytest.raises(convert.ConversionError, match=r'holds convnext_tiny weights but the model encoder is '
                      r'convnext_small; set --config.model.encoder=convnext_tiny'):
