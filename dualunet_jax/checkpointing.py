@@ -166,7 +166,7 @@ def _restore_into(directory: pathlib.Path, step: int, model: nnx.Module) -> dict
 
 def restore_model(workdir: str | os.PathLike, model: nnx.Module, which: str | int = 'best') -> dict:
   """Restores parameters and BatchNorm statistics of checkpoint `which` ('best' | 'last' | step) into `model`
-  in place; returns the checkpoint's meta."""
+  in place (a concrete or an `models.abstract_model`); returns the checkpoint's meta."""
   directory, step = _resolve(pathlib.Path(workdir).absolute(), which)
   return _restore_into(directory, step, model)
 
@@ -184,7 +184,9 @@ def restore_for_inference(path_or_workdir: str | os.PathLike, which: str | int =
   if not workdir.is_dir():
     raise CheckpointError(f'{workdir}: no such workdir')
   config = load_config(workdir)
-  model = models.build_model(config.model, config.dataset.num_classes, rngs=nnx.Rngs(0))
+  # Abstract (shape-only) model: every value comes from the checkpoint, so a random initialisation (one XLA
+  # compile per parameter shape, tens of seconds on a small CPU) would be wasted.
+  model = models.abstract_model(config.model, config.dataset.num_classes)
   if is_step_folder:
     _restore_into(path.parent, int(path.name), model)
   else:

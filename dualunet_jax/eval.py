@@ -58,17 +58,17 @@ def main(argv):
     results = oracle.run_oracle(
         (source[i] for i in range(len(source))), num_classes=config.dataset.num_classes,
         targets_config=config.targets, postprocess_config=config.postprocess,
-        match_radius=config.eval.match_radius, workers=config.postprocess.workers)
+        match_radius=config.eval.match_radius, workers=config.postprocess.workers,
+        class_names=tuple(config.dataset.class_names))
     out_dir = pathlib.Path(FLAGS.output or 'workdirs/oracle')
     name = f'{config.dataset.name}_{split}_oracle'
   else:
     if not FLAGS.workdir:
       raise app.UsageError('--workdir is required (or use --oracle)')
     from dualunet_jax import checkpointing, models, trainer
-    from flax import nnx
     workdir = pathlib.Path(FLAGS.workdir)
     config = _merge_trained_config(config, workdir)
-    model = models.build_model(config.model, config.dataset.num_classes, rngs=nnx.Rngs(0))
+    model = models.abstract_model(config.model, config.dataset.num_classes)  # values come from the checkpoint
     meta = checkpointing.restore_model(workdir, model, FLAGS.checkpoint)
     model.eval()
     source = sources.load_source(config.dataset, split)
@@ -84,13 +84,15 @@ def main(argv):
       results['per_image'] = per_image
       name = split
     results['checkpoint_step'] = meta.get('step')
+  results['config'] = {'targets': config.targets.to_dict(), 'postprocess': config.postprocess.to_dict(),
+                       'match_radius': config.eval.match_radius, 'split': split}
 
   if jax.process_index() == 0:
     evaluation.write_json(out_dir / f'{name}.json', results)
     if FLAGS.robustness and not FLAGS.oracle:
       for k in evaluation.ROBUSTNESS_KEYS:
         print(f"  {k:<10s} {results[f'{k}_mean']:.4f} ± {results[f'{k}_std']:.4f}")
-      headline = {k: results[k] for k in results if k != 'runs'}
+      headline = {k: results[k] for k in results if k not in ('runs', 'config')}
     else:
       print(f'{config.dataset.name} / {split}' + (' (oracle)' if FLAGS.oracle else ''))
       print(evaluation.format_table(results, tuple(config.dataset.class_names)))
