@@ -350,11 +350,8 @@ class _Engine:
         self.rows_saved += 1
         if self.stop_after_rows is not None and self.rows_saved >= self.stop_after_rows:
           raise StopRun(f'stopped after {self.rows_saved} rows (stop_after_rows)')
-      if not job.rows_left and not job.pending and self._all_enqueued(job):
+      if not job.rows_left and not job.pending:  # every row with tissue is saved: export
         self._finish(job)
-
-  def _all_enqueued(self, job: _Job) -> bool:
-    return not job.rows_left
 
   def _finish(self, job: _Job) -> None:
     """Exports one input from its shards."""
