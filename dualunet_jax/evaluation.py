@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dualunet_jax import metrics as metrics_lib  # noqa
 from dualunet_jax import postprocess as postprocess_lib
@@ -28,10 +28,12 @@ ROBUSTNESS_KEYS = ('f1_d', 'f1_c_mean', 'dice')
 Forward = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def make_forward(model: nnx.Module) -> Forward:
+def make_forward(model: nnx.Module, mesh: Mesh | None = None) -> Forward:
   """A jitted `images float|uint8[B, H, W, 3] -> (class_probs float32[B, H, W, K+1], density float32[B, H, W])`
-  of `model` in eval mode (softmax applied, density raw as the reference's post-processing expects)."""
+  of `model` in eval mode (softmax applied, density raw as the reference's post-processing expects), with the
+  model state replicated over `mesh` (default: all devices) so batches sharded on its 'data' axis fit it."""
   graphdef, state = nnx.split(model)
+  state = jax.device_put(state, NamedSharding(mesh or pipeline.default_mesh(), P()))
 
   @jax.jit
   def forward(state, images):
@@ -123,7 +125,8 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
   """
   from tqdm import tqdm
 
-  forward = make_forward(model) if isinstance(model, nnx.Module) else model
+  mesh = mesh or pipeline.default_mesh()
+  forward = make_forward(model, mesh) if isinstance(model, nnx.Module) else model
   num_classes = config.dataset.num_classes
   n = len(source) if not max_images else min(max_images, len(source))
   source = _Prefix(source, n)
@@ -224,7 +227,8 @@ def robustness_transform(config: ml_collections.ConfigDict, repeat: int) -> Call
 def evaluate_robustness(model: nnx.Module, source: Any, config: ml_collections.ConfigDict, *,
                         mesh: Mesh | None = None) -> dict[str, Any]:
   """Mean ± std over `ROBUSTNESS_REPEATS` perturbed copies of the split of F1d, mean F1c and Dice."""
-  forward = make_forward(model)
+  mesh = mesh or pipeline.default_mesh()
+  forward = make_forward(model, mesh)
   runs = []
   for r in range(ROBUSTNESS_REPEATS):
     runs.append(evaluate(forward, source, config, mesh=mesh, transform=robustness_transform(config, r),
