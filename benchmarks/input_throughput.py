@@ -14,33 +14,19 @@ Figures only, never asserted.
 """
 
 import argparse
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import _machine  # noqa: E402  (benchmarks/_machine.py: scripts run with benchmarks/ on sys.path)
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
 from dualunet_jax.data import pipeline, synthetic  # noqa: E402
-
-
-def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
-  return (f'{cpu}, {os.cpu_count()} cores, load avg {load:.1f}, jax {jax.__version__} '
-          f'{jax.devices()[0].platform} x{jax.device_count()}')
 
 
 def _time(config, source, batches: int, runs: int) -> float:
@@ -94,7 +80,7 @@ def main() -> None:
   else:
     print(f'({consep_root} absent: CoNSeP skipped; run the tests once to assemble it)')
 
-  print(f'machine: {_machine()}')
+  print(f'machine: {_machine.describe()}')
   print(f'batch {args.batch_size}, {args.batches} timed batches per run, median of {args.runs} runs')
   for name, cfg, source in cases:
     base = None

@@ -15,9 +15,7 @@ Figures only, never asserted.
 
 from collections.abc import Sequence
 import math
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +25,7 @@ from absl import flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import _machine  # noqa: E402  (benchmarks/_machine.py: scripts run with benchmarks/ on sys.path)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -46,20 +45,6 @@ _RUNS = flags.DEFINE_integer('runs', 5, 'Timed runs per configuration (median re
 _MAX_PIXELS = flags.DEFINE_integer('max_batch_pixels', 1024 * 1024,
                                    'Skip configurations with batch * size^2 above this (0 = no limit); the '
                                    'default keeps a CPU run to a few minutes (1024^2 only at batch 1).')
-
-
-def machine() -> str:
-  """One line naming the device and host."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
-  device = jax.devices()[0]
-  return (f'device {device.platform}:{device.device_kind} x{jax.device_count()} (timing on 1) | host {cpu}, '
-          f'{os.cpu_count()} cores, load avg {load:.1f} | jax {jax.__version__}')
 
 
 def random_state(state: nnx.State, seed: int = 0) -> nnx.State:
@@ -114,7 +99,7 @@ def main(argv: Sequence[str]) -> None:
   sizes = [int(s) for s in _SIZES.value]
   batches = [int(b) for b in _BATCHES.value]
   dtypes = list(_DTYPES.value)
-  print(machine())
+  print(_machine.describe())
   graphdefs = {dtype: graphdef_for(dtype) for dtype in dtypes}
   graphdef0, abstract_state = graphdefs[dtypes[0]]
   state = random_state(abstract_state)

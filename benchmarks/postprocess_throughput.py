@@ -11,7 +11,6 @@ and the speed-up ratio; never asserted.
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -20,19 +19,10 @@ import numpy as np
 import scipy.ndimage as ndi
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import _machine  # noqa: E402  (benchmarks/_machine.py: scripts run with benchmarks/ on sys.path)
 
 from dualunet_jax import oracle  # noqa: E402
 from dualunet_jax import postprocess as pp  # noqa: E402
-
-
-def _machine() -> str:
-  model = platform.processor() or ''
-  try:
-    with open('/proc/cpuinfo') as f:
-      model = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), model)
-  except OSError:
-    pass
-  return f'{model}, {os.cpu_count()} logical CPUs visible, {platform.system()} {platform.release()}'
 
 
 def _inputs(consep_dir: str, n: int, seed: int = 0):
@@ -62,7 +52,7 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--workers', type=int, default=2)
   args = parser.parse_args()
-  print(f'machine: {_machine()}')
+  print(f'machine: {_machine.describe()}')
   probs, dens = _inputs(args.consep_dir, args.tiles)
   crops_p = [p[y:y + 256, x:x + 256] for p in probs for y in (0, 372, 744) for x in (0, 372, 744)]
   crops_d = [d[y:y + 256, x:x + 256] for d in dens for y in (0, 372, 744) for x in (0, 372, 744)]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
 import shutil
 import statistics
 import sys
@@ -33,6 +32,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import _machine  # noqa: E402  (benchmarks/_machine.py: scripts run with benchmarks/ on sys.path)
 
 
 def random_model(width: float, num_classes: int = 3):
@@ -129,14 +129,12 @@ def main():
   parser.add_argument('--skip', choices=('tiles', 'image'), default=None)
   args = parser.parse_args()
 
-  import jax
   from dualunet_jax.inference import engine
   tmp = pathlib.Path(tempfile.mkdtemp(prefix='predict_bench_'))
   try:
     tiles, big, maps = synthetic_inputs(tmp / 'in', args.tiles, args.image_side)
     predictor = DeviceOraclePredictor(random_model(args.width), maps)
-    print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, '
-          f'devices {jax.devices()}; model width {args.width}')
+    print(f'machine: {_machine.describe()}; model width {args.width}')
     workloads = []
     if args.skip != 'tiles':
       workloads.append(('tiles', tiles, 256, 0, args.batch_size, len(tiles)))

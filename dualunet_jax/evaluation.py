@@ -254,9 +254,9 @@ def format_table(results: dict[str, float], class_names: tuple[str, ...]) -> str
   for label, key in headline:
     if key in results and results[key] is not None:
       lines.append(f'  {label:<26s} {results[key]:.4f}')
-  lines.append(f"  {'class':<16s} {'F1':>7s} {'prec':>7s} {'recall':>7s} {'PQ':>7s}")
+  lines.append(f"  {'class':<16s} {'F1':>7s} {'PQ':>7s}   (PQ pooled over the split, as the reference's mPQ)")
   for name in class_names:
-    cells = [results.get(f'{m}_{name}') for m in ('f1_c', 'precision_c', 'recall_c', 'pq')]
+    cells = [results.get(f'{m}_{name}') for m in ('f1_c', 'pq')]
     lines.append(f'  {name:<16s} ' + ' '.join(f'{v:7.4f}' if isinstance(v, float) else f"{'-':>7s}"
                                                 for v in cells))
   return '\n'.join(lines)
