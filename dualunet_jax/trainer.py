@@ -66,7 +66,7 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
 
   (_, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
-  metrics = dict(parts, grad_norm=optax.global_norm(grads))
+  metrics = dict(parts, grad_norm=optax.tree.norm(grads))
   return nnx.state((model, optimizer)), metrics
 
 
@@ -76,7 +76,8 @@ def class_weights_for(config: ml_collections.ConfigDict, source: Any, num_classe
   and cached in `W/class_weights.json` (reference §2: computed from the training set, saved, reused)."""
   path = workdir / CLASS_WEIGHTS_FILE
   if path.is_file():
-    return np.asarray(losses.load_class_weights(path), np.float32)
+    weights, _ = losses.load_class_weights(path)
+    return np.asarray(weights, np.float32)
   from tqdm import tqdm
   counts = np.zeros(num_classes + 1, np.int64)
   for i in tqdm(range(len(source)), desc='class weights', unit='tile', leave=False,
