@@ -188,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         writer.write(step, val_metrics, 'val')
         value = val_metrics.get(config.train.best_metric)
         meta = {'step': step, 'epoch': epoch, 'val': val_metrics}
-        if value is not None:
+        if value is not None and np.isfinite(value):  # NaN (e.g. an empty split) must not become the best
           ckpt.maybe_save_best(step, model, optimizer, meta, float(value))
         tqdm.write(f'step {step} (epoch {epoch}) validation: ' + ', '.join(
             f'{k} {val_metrics[k]:.4f}' for k in ('f1_d', 'f1_c_mean', 'dice', 'bpq') if k in val_metrics))
@@ -198,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         ckpt.save(step, model, optimizer, {'step': step, 'epoch': epoch})
   except KeyboardInterrupt:
     # Keep the work done so far: a resume continues from exactly this step.
-    if step > start_step:
+    if step > start_step and ckpt.latest_step() != step:
       model, optimizer = nnx.merge(graphdef, state)
       ckpt.save(step, model, optimizer, {'step': step, 'epoch': step // steps_per_epoch, 'interrupted': True})
       tqdm.write(f'interrupted: checkpoint saved at step {step}; run the same command to resume')
