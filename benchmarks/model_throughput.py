@@ -14,7 +14,6 @@ Figures only, never asserted.
 """
 
 from collections.abc import Sequence
-import math
 import pathlib
 import statistics
 import sys
@@ -29,7 +28,6 @@ import _machine  # noqa: E402  (benchmarks/_machine.py: scripts run with benchma
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dualunet_jax import models  # noqa: E402
@@ -45,24 +43,6 @@ _RUNS = flags.DEFINE_integer('runs', 5, 'Timed runs per configuration (median re
 _MAX_PIXELS = flags.DEFINE_integer('max_batch_pixels', 1024 * 1024,
                                    'Skip configurations with batch * size^2 above this (0 = no limit); the '
                                    'default keeps a CPU run to a few minutes (1024^2 only at batch 1).')
-
-
-def random_state(state: nnx.State, seed: int = 0) -> nnx.State:
-  """Host-generated stand-in values for an abstract state (timing does not depend on them)."""
-  rng = np.random.default_rng(seed)
-
-  def value(path, leaf):
-    name = path[-2].key
-    if name == 'kernel':
-      std = math.sqrt(2.0 / math.prod(leaf.shape[:-1]))
-      return rng.standard_normal(leaf.shape, np.float32) * np.float32(std)
-    if name in ('scale', 'var'):
-      return np.ones(leaf.shape, np.float32)
-    if name == 'gamma':
-      return np.full(leaf.shape, 0.5, np.float32)
-    return np.zeros(leaf.shape, np.float32)
-
-  return jax.device_put(jax.tree_util.tree_map_with_path(value, state))
 
 
 def graphdef_for(dtype: str):
@@ -102,7 +82,7 @@ def main(argv: Sequence[str]) -> None:
   print(_machine.describe())
   graphdefs = {dtype: graphdef_for(dtype) for dtype in dtypes}
   graphdef0, abstract_state = graphdefs[dtypes[0]]
-  state = random_state(abstract_state)
+  state = models.random_state(abstract_state)
   params = models.parameter_counts(nnx.merge(graphdef0, state))['total']
   print(f'DualU-Net {_ENCODER.value} width x{_WIDTH.value:g}, K={_NUM_CLASSES.value}, {params:,} parameters; '
         f'eval forward, median of {_RUNS.value} runs after compile + 1 warm-up')

@@ -37,27 +37,11 @@ import _machine  # noqa: E402  (benchmarks/_machine.py: scripts run with benchma
 
 def random_model(width: float, num_classes: int = 3):
   """DualU-Net with random weights, built abstractly and filled from numpy (no slow eager initialisers)."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
   from configs import default
   from dualunet_jax import models
   config = default.get_config()
   config.model.width_multiplier = width
-  model = nnx.eval_shape(lambda: models.build_model(config.model, num_classes, rngs=nnx.Rngs(0)))
-  state = nnx.state(model)
-  rng = np.random.default_rng(0)
-
-  def fill(path, x):
-    name = str(path[-1])
-    if name in ('var', 'scale'):
-      return jnp.ones(x.shape, x.dtype)
-    if name in ('mean', 'bias'):
-      return jnp.zeros(x.shape, x.dtype)
-    return jnp.asarray(rng.normal(0, (2 / max(1, int(np.prod(x.shape[:-1])))) ** 0.5, x.shape).astype(x.dtype))
-
-  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill, state.to_pure_dict()))
-  nnx.update(model, state)
+  model = models.fill_random(models.abstract_model(config.model, num_classes))
   model.eval()
   return model
 

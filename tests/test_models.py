@@ -259,3 +259,14 @@ def test_train_mode_uses_batch_statistics_and_updates_running_averages(resnext_t
   params_old = jax.tree.leaves(nnx.state(nnx.merge(graphdef_train, state), nnx.Param))
   params_new = jax.tree.leaves(nnx.state(nnx.merge(graphdef_train, new_state), nnx.Param))
   assert all(np.array_equal(a, b) for a, b in zip(params_old, params_new))
+
+
+def test_fill_random_gives_a_usable_model_without_initialisers():
+  """`fill_random` (benchmarks, plumbing tests) fills every value of an abstract model with finite numbers."""
+  config = ml_collections.ConfigDict({'encoder': 'resnext50_32x4d', 'width_multiplier': 0.125, 'dtype': 'float32'})
+  model = models.fill_random(models.abstract_model(config, 3), seed=1)
+  leaves = jax.tree.leaves(nnx.state(model))
+  assert all(isinstance(x, jax.Array) and bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+  model.eval()
+  logits, density = model(jnp.zeros((1, 32, 32, 3), jnp.float32))
+  assert logits.shape == (1, 32, 32, 4) and density.shape == (1, 32, 32)

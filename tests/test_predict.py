@@ -32,28 +32,11 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def tiny_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
   """A width-1/8 checkpoint with random weights, without running the (slow, eager) initialisers: the model is
   built abstractly and its parameters filled from numpy."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
   from configs import default
   from dualunet_jax import checkpointing, models
   config = default.get_config()
   config.model.width_multiplier = 1 / 8
-  model = nnx.eval_shape(lambda: models.build_model(config.model, config.dataset.num_classes, rngs=nnx.Rngs(0)))
-  state = nnx.state(model)
-  rng = np.random.default_rng(0)
-
-  def fill(path, x):
-    name = str(path[-1])
-    if name in ('var', 'scale'):
-      return jnp.ones(x.shape, x.dtype)
-    if name in ('mean', 'bias'):
-      return jnp.zeros(x.shape, x.dtype)
-    fan_in = int(np.prod(x.shape[:-1])) or 1
-    return jnp.asarray(rng.normal(0, (2 / fan_in) ** 0.5, x.shape).astype(x.dtype))
-
-  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill, state.to_pure_dict()))
-  nnx.update(model, state)
+  model = models.fill_random(models.abstract_model(config.model, config.dataset.num_classes))
   return checkpointing.save_model_checkpoint(workdir, config, model)
 
 

@@ -4,17 +4,20 @@ Nothing here knows about data or losses. See `dualunet.py` for the input/output 
 attribute names to the reference PyTorch checkpoint keys.
 """
 
+import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dualunet_jax.models.dualunet import count_params
 from dualunet_jax.models.dualunet import DualUNet
 from dualunet_jax.models.dualunet import ENCODERS
 
-__all__ = ['DualUNet', 'ENCODERS', 'PARTS', 'abstract_model', 'build_model', 'compute_dtype',
-           'parameter_counts']
+__all__ = ['DualUNet', 'ENCODERS', 'PARTS', 'abstract_model', 'build_model', 'compute_dtype', 'fill_random',
+           'parameter_counts', 'random_state']
 
 PARTS = ('encoder', 'class_decoder', 'density_decoder', 'class_head', 'density_head')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -48,3 +51,33 @@ def parameter_counts(model: DualUNet) -> dict[str, int]:
   counts = {part: count_params(getattr(model, part)) for part in PARTS}
   counts['total'] = sum(counts.values())
   return counts
+
+
+def random_state(state: nnx.State, seed: int = 0) -> nnx.State:
+  """Fills `state` (abstract or concrete) in place with host-generated stand-in values and returns it:
+  He-normal kernels, unit norm scales and BatchNorm variances, layer scale 0.5, zero biases and means.
+
+  For benchmarks and plumbing tests, whose results do not depend on the values: the real initialisation
+  compiles one XLA program per parameter shape, tens of seconds for a tiny model on a small CPU.
+  """
+  rng = np.random.default_rng(seed)
+
+  def value(path, leaf):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    if name == 'kernel':
+      std = math.sqrt(2.0 / max(1, math.prod(leaf.shape[:-1])))
+      return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * np.float32(std))
+    if name in ('scale', 'var'):
+      return jnp.ones(leaf.shape, jnp.float32)
+    if name == 'gamma':
+      return jnp.full(leaf.shape, 0.5, jnp.float32)
+    return jnp.zeros(leaf.shape, jnp.float32)
+
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(value, nnx.to_pure_dict(state)))
+  return state
+
+
+def fill_random(model: DualUNet, seed: int = 0) -> DualUNet:
+  """`random_state` applied to a model (e.g. an `abstract_model`) in place; returns the model."""
+  nnx.update(model, random_state(nnx.state(model), seed))
+  return model
