@@ -98,7 +98,7 @@ def main(argv):
       print(evaluation.format_table(results, tuple(config.dataset.class_names)))
       headline = {k: results[k] for k in results if isinstance(results[k], (int, float))}
     print(f'wrote {out_dir / f"{name}.json"}', file=sys.stderr)
-    print(json.dumps(headline, sort_keys=True))
+    print(json.dumps(evaluation.json_safe(headline), sort_keys=True, allow_nan=False))
 
 
 def run():

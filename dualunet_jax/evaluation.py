@@ -262,9 +262,23 @@ def format_table(results: dict[str, float], class_names: tuple[str, ...]) -> str
   return '\n'.join(lines)
 
 
+def json_safe(value: Any) -> Any:
+  """Strict JSON: NaN/inf (an undefined metric, e.g. a class absent from the split) become null, numpy
+  scalars become Python numbers."""
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, (np.floating, float)):
+    return float(value) if np.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
 def write_json(path: pathlib.Path, payload: dict) -> None:
-  """Atomic JSON write (temporary file, then rename)."""
+  """Atomic, strict JSON write (temporary file, then rename)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix('.json.tmp')
-  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
+  tmp.write_text(json.dumps(json_safe(payload), indent=2, sort_keys=True, allow_nan=False))
   os.replace(tmp, path)
