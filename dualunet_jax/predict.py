@@ -22,10 +22,7 @@ they stopped when rerun with the same arguments (state in `<output>/.dualunet_wo
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import pathlib
 import sys
 
 from absl import app, flags, logging
@@ -50,31 +47,6 @@ flags.DEFINE_enum('tissue', 'auto', ['auto', 'on', 'off'], 'Skip background tile
 flags.DEFINE_integer('workers', 0, 'Post-processing processes (0: one per CPU core; 1: in-process).')
 flags.DEFINE_bool('keep_work', False, 'Keep per-row result shards after export.')
 flags.DEFINE_bool('progress', True, 'Show a progress bar.')
-
-
-def expand_inputs(entries: list[str], mpps: list[str]) -> list:
-  """--input entries (files, folders, globs) -> `InputSpec`s with their --mpp; raises ValueError if empty."""
-  from dualunet_jax.inference import engine, slide
-  if mpps and len(mpps) not in (1, len(entries)):
-    raise ValueError(f'--mpp has {len(mpps)} values for {len(entries)} --input flags; give one or one per input')
-  specs = []
-  for i, entry in enumerate(entries):
-    mpp = float(mpps[0] if len(mpps) == 1 else mpps[i]) if mpps else None
-    path = pathlib.Path(entry)
-    if path.is_dir():
-      from dualunet_jax.data.readers import natural_key
-      files = sorted((p for p in path.iterdir() if p.is_file() and p.suffix.lower() in slide.INPUT_SUFFIXES),
-                     key=natural_key)
-      if not files:
-        raise ValueError(f'{path}: folder holds no image or slide files ({", ".join(slide.INPUT_SUFFIXES)})')
-    elif glob.has_magic(entry):
-      files = sorted(pathlib.Path(p) for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
-      if not files:
-        raise ValueError(f'{entry}: no file matches this pattern')
-    else:
-      files = [path]
-    specs += [engine.InputSpec(f, mpp) for f in files]
-  return specs
 
 
 def _fail(error: Exception):
@@ -109,7 +81,7 @@ def main(argv):
   from dualunet_jax.inference import engine, slide
   tta_views = int(FLAGS.tta_views) if FLAGS.tta else 1
   try:
-    specs = expand_inputs(FLAGS.input, FLAGS.mpp)
+    specs = engine.expand_inputs(FLAGS.input, FLAGS.mpp)
   except ValueError as e:
     _fail(e)
   from dualunet_jax.checkpointing import CheckpointError

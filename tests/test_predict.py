@@ -41,15 +41,15 @@ def tiny_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
 
 
 def test_expand_inputs(tmp_path):
-  from dualunet_jax import predict
+  from dualunet_jax.inference import engine
   for name in ('b.png', 'a.jpg', 'skip.txt'):
     (tmp_path / name).write_bytes(b'x')
-  specs = predict.expand_inputs([str(tmp_path), str(tmp_path / '*.png')], ['0.25', '0.5'])
+  specs = engine.expand_inputs([str(tmp_path), str(tmp_path / '*.png')], ['0.25', '0.5'])
   assert [(s.path.name, s.mpp) for s in specs] == [('a.jpg', 0.25), ('b.png', 0.25), ('b.png', 0.5)]
   with pytest.raises(ValueError, match='no file matches'):
-    predict.expand_inputs([str(tmp_path / '*.svs')], [])
+    engine.expand_inputs([str(tmp_path / '*.svs')], [])
   with pytest.raises(ValueError, match='--mpp has 2 values for 1'):
-    predict.expand_inputs([str(tmp_path)], ['1', '2'])
+    engine.expand_inputs([str(tmp_path)], ['1', '2'])
 
 
 def test_cli_with_tiny_checkpoint(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import glob
 import json
 import logging
 import multiprocessing
@@ -36,6 +37,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from dualunet_jax.data.readers import natural_key
 from dualunet_jax.inference import exporters
 from dualunet_jax.inference import slide as slide_lib
 from dualunet_jax.inference import tiling
@@ -538,3 +540,26 @@ def checkpoint_predictor(checkpoints: Sequence[str | os.PathLike], *, which: str
   identity = json.dumps({'checkpoints': [str(pathlib.Path(p).resolve()) for p in checkpoints],
                          'which': str(which), 'tta_views': tta_views})
   return model_predictor(models, tta_views=tta_views), first, identity
+
+
+def expand_inputs(entries: list[str], mpps: list[str]) -> list:
+  """--input entries (files, folders, globs) -> `InputSpec`s with their --mpp; raises ValueError if empty."""
+  if mpps and len(mpps) not in (1, len(entries)):
+    raise ValueError(f'--mpp has {len(mpps)} values for {len(entries)} --input flags; give one or one per input')
+  specs = []
+  for i, entry in enumerate(entries):
+    mpp = float(mpps[0] if len(mpps) == 1 else mpps[i]) if mpps else None
+    path = pathlib.Path(entry)
+    if path.is_dir():
+      files = sorted((p for p in path.iterdir() if p.is_file() and p.suffix.lower() in slide_lib.INPUT_SUFFIXES),
+                     key=natural_key)
+      if not files:
+        raise ValueError(f'{path}: folder holds no image or slide files ({", ".join(slide_lib.INPUT_SUFFIXES)})')
+    elif glob.has_magic(entry):
+      files = sorted(pathlib.Path(p) for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
+      if not files:
+        raise ValueError(f'{entry}: no file matches this pattern')
+    else:
+      files = [path]
+    specs += [InputSpec(f, mpp) for f in files]
+  return specs
