@@ -5,8 +5,8 @@
     #   python -m dualunet_jax.eval  --config=configs/demo.py --workdir=workdirs/demo
 
 Nothing to download: the synthetic tiles are rendered procedurally (dualunet_jax/data/synthetic.py) and
-prepared as array_record files on first use. Expected on a 2-core CPU: see the README's demo table
-(detection F1 >= 0.90 on the 64 held-out tiles; training about 8 minutes).
+prepared as array_record files on first use. Measured on a 2-core CPU (README, Demo): train + eval 6 min 45 s,
+detection F1 0.864, mean class F1 0.756, Dice 0.896, bPQ 0.520 on the 64 held-out tiles.
 """
 
 from configs import default
