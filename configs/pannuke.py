@@ -7,7 +7,8 @@
 `manual_dir` holds the unzipped official folds (`Fold 1/images/fold1/images.npy`, ...). The whole protocol
 (3 rotations, mean ± std table): `launch/pannuke_3fold.sh /data/pannuke`.
 Expected (paper, ResNeXt-50 with ImageNet encoder, 100 epochs on 2 GPUs): F1d 0.80, mean F1c 0.54, Dice 0.77.
-Time: ~2,700 tiles per fold, 100 epochs ≈ 34k steps at batch 8; about 1-2 h on one H100-class GPU.
+Size: ~2,700 tiles per fold, so 100 epochs ≈ 33k steps at batch 8. Not yet run by us (no PanNuke download and
+no GPU on the machines that built this release).
 """
 
 from configs import default
