@@ -10,6 +10,7 @@ and the speed-up ratio; never asserted.
 """
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -22,13 +23,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import _machine  # noqa: E402  (benchmarks/_machine.py: scripts run with benchmarks/ on sys.path)
 
 from dualunet_jax import oracle  # noqa: E402
+from dualunet_jax.data import consep  # noqa: E402
 from dualunet_jax import postprocess as pp  # noqa: E402
 
 
 def _inputs(consep_dir: str, n: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   probs, dens = [], []
-  for rec in list(oracle._read_consep_labels(consep_dir, 'test'))[:n]:
+  for rec in itertools.islice(consep.iter_split(consep_dir, 'test'), n):
     p, d = oracle.oracle_outputs(rec['instance_map'], rec['instance_classes'], 4, sigma=5.0)
     noise = ndi.gaussian_filter(rng.normal(0, 1, d.shape), 2.0)
     probs.append(p)

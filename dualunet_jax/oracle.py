@@ -15,16 +15,15 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
-import pathlib
 import sys
 import time
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from dualunet_jax import metrics as metrics_lib
 from dualunet_jax import postprocess as pp
-from dualunet_jax.data import schema
+from dualunet_jax.data import consep, schema
 
 
 def oracle_outputs(instance_map: np.ndarray, instance_classes: np.ndarray, num_classes: int, *, sigma: float,
@@ -103,39 +102,6 @@ def run_oracle(records: Iterable[Mapping[str, Any]], *, num_classes: int, target
 # ----------------------------------------------------------------------------------------------- CoNSeP
 
 
-_CONSEP_MERGE = np.array([0, 1, 2, 3, 3, 4, 4, 4], np.int32)
-CONSEP_CLASS_NAMES = ('other', 'inflammatory', 'epithelial', 'spindle')
-
-
-def _read_consep_labels(consep_dir: str | pathlib.Path, split: str) -> Iterator[dict[str, Any]]:
-  """Label-only CoNSeP records (no images: the oracle needs none) from `<dir>/{Train,Test}/Labels/*.mat`.
-
-  A private reader (scipy.io) so the oracle does not depend on the TFDS builder; ids are relabelled
-  contiguous, raw types merged 3,4 -> 3 and 5,6,7 -> 4 as the reference."""
-  import re  # pylint: disable=import-outside-toplevel
-
-  import scipy.io as sio  # pylint: disable=import-outside-toplevel
-  root = pathlib.Path(consep_dir)
-  if (root / 'CoNSeP').is_dir():
-    root = root / 'CoNSeP'
-  labels = root / split.capitalize() / 'Labels'
-  files = sorted(labels.glob('*.mat'), key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', p.stem)])
-  if not files:
-    raise FileNotFoundError(f'no .mat label files in {labels} (expected <consep_dir>/Train|Test/Labels/*.mat)')
-  for path in files:
-    mat = sio.loadmat(path)
-    inst = mat['inst_map'].astype(np.int64)
-    ids = np.unique(inst)
-    ids = ids[ids > 0]
-    lut = np.zeros(int(inst.max()) + 1, np.int32)
-    lut[ids] = np.arange(1, ids.size + 1)
-    types = mat['inst_type'].reshape(-1).astype(np.int64)
-    # inst_type rows follow the sorted ids 1..max (CoNSeP); keep the rows of the ids present.
-    raw = types[ids - 1] if types.size >= ids.max(initial=0) else types
-    yield {schema.INSTANCE_MAP: lut[inst], schema.INSTANCE_CLASSES: _CONSEP_MERGE[raw], schema.NAME: path.stem,
-           schema.TISSUE: ''}
-
-
 def format_table(results: Mapping[str, float]) -> str:
   keys = [k for k in results]
   width = max(len(k) for k in keys)
@@ -160,9 +126,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   post = {k: getattr(args, k) for k in ('marker', 'h', 'min_distance', 'threshold', 'compactness',
                                          'relabel_connectivity')}
   start = time.perf_counter()
-  results = run_oracle(_read_consep_labels(args.consep_dir, args.split), num_classes=4,
+  results = run_oracle(consep.iter_split(args.consep_dir, args.split), num_classes=len(consep.CLASS_NAMES),
                        targets_config={'sigma': args.sigma, 'centroid': args.centroid}, postprocess_config=post,
-                       match_radius=args.match_radius, workers=args.workers, class_names=CONSEP_CLASS_NAMES)
+                       match_radius=args.match_radius, workers=args.workers, class_names=consep.CLASS_NAMES)
   print(format_table(results))
   print(f'# {time.perf_counter() - start:.1f} s', file=sys.stderr)
   print(json.dumps({**results, 'settings': {'sigma': args.sigma, 'centroid': args.centroid, **post}}))

@@ -1,24 +1,17 @@
 """Oracle: the GT's ideal outputs through postprocess + metrics, on the real fixtures and real CoNSeP tiles."""
 
+import itertools
+
 import numpy as np
 import pytest
-import scipy.io as sio
 
 from dualunet_jax import oracle
+from dualunet_jax.data import consep
 
 
 def _fixture_records(fixtures_dir):
-  records = []
-  for path in sorted((fixtures_dir / 'masks').glob('*.mat')):
-    mat = sio.loadmat(path)
-    inst = mat['inst_map'].astype(np.int64)
-    ids = np.unique(inst)[1:]
-    lut = np.zeros(inst.max() + 1, np.int32)
-    lut[ids] = np.arange(1, ids.size + 1)
-    # inst_type rows follow the sorted (non-contiguous) ids.
-    records.append({'instance_map': lut[inst],
-                    'instance_classes': oracle._CONSEP_MERGE[mat['inst_type'].reshape(-1).astype(int)]})
-  return records
+  return [consep.read_tile(fixtures_dir / 'imgs' / f'{mat.stem}.png', mat)
+          for mat in sorted((fixtures_dir / 'masks').glob('*.mat'))]
 
 
 def test_oracle_outputs_are_the_targets():
@@ -48,7 +41,7 @@ def test_oracle_on_consep_tiles_reference_vs_sigma2(consep_official):
   # Two real 1000^2 CoNSeP Test tiles (1,110 nuclei). The reference targets (sigma 5, h 0.15) merge close
   # nuclei (measured F1_d 0.925, bPQ 0.863); sigma 2 separates them (0.988, 0.911). The whole Test fold gives
   # 0.885 / 0.801 vs 0.989 / 0.897 (see the oracle study in the report / README).
-  records = list(oracle._read_consep_labels(consep_official, 'test'))[:2]
+  records = list(itertools.islice(consep.iter_split(consep_official, 'test'), 2))
   ref = oracle.run_oracle(records, num_classes=4, targets_config={'sigma': 5.0}, workers=1)
   best = oracle.run_oracle(records, num_classes=4, targets_config={'sigma': 2.0}, workers=1)
   assert ref['n_gt'] == best['n_gt'] == 1110
@@ -60,10 +53,12 @@ def test_oracle_on_consep_tiles_reference_vs_sigma2(consep_official):
 def test_main_prints_table_and_json_last(fixtures_dir, tmp_path, capsys):
   import json  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
-  labels = tmp_path / 'Test' / 'Labels'  # the official layout, label files only (the oracle needs no images)
+  labels, images = tmp_path / 'Test' / 'Labels', tmp_path / 'Test' / 'Images'  # the official layout
   labels.mkdir(parents=True)
+  images.mkdir(parents=True)
   for path in (fixtures_dir / 'masks').glob('*.mat'):
     shutil.copy(path, labels / path.name)
+    shutil.copy(fixtures_dir / 'imgs' / f'{path.stem}.png', images / f'{path.stem}.png')
   oracle.main([f'--consep_dir={tmp_path}', '--split=test', '--workers=1', '--sigma=2'])
   lines = capsys.readouterr().out.strip().splitlines()
   result = json.loads(lines[-1])
