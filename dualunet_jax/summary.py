@@ -26,6 +26,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from dualunet_jax import models
+from dualunet_jax.models import resnext
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', None,
@@ -66,6 +67,7 @@ def summarize(model_config: Any, num_classes: int, sizes: Sequence[int] = (256, 
       'encoder': model_config.encoder,
       'num_classes': num_classes,
       'width_multiplier': float(model_config.width_multiplier),
+      'cardinality': int(model_config.get('cardinality', resnext.CARDINALITY)),
       'dtype': model_config.dtype,
       'params': counts['total'],
       'params_per_part': counts,
@@ -82,6 +84,10 @@ def format_table(summary: dict[str, Any]) -> str:
   lines = [f"DualU-Net  encoder={summary['encoder']}  K={summary['num_classes']} "
            f"(class head {summary['num_classes'] + 1} ch)  width_multiplier={summary['width_multiplier']:g}  "
            f"dtype={summary['dtype']}", '', f"{'part':<18}{'parameters':>14}"]
+  regrouped = summary['encoder'].startswith('resnext') and summary['cardinality'] != resnext.CARDINALITY
+  if regrouped:
+    lines.insert(1, f"ResNeXt 3x3 convolutions in {summary['cardinality']} group(s), not "
+                    f"{resnext.CARDINALITY}: not the reference architecture")
   for part, n in summary['params_per_part'].items():
     if part == 'total':
       lines.append('-' * 32)
@@ -94,7 +100,7 @@ def format_table(summary: dict[str, Any]) -> str:
   lines.append('XLA counts FLOPs (a multiply-add = 2, element-wise ops included); the paper\'s Table 2 '
                '"GLOPs" are most likely multiply-accumulates: compare them with FLOPs/2.')
   paper = PAPER_TABLE2.get(summary['encoder'])
-  if paper and summary['width_multiplier'] == 1.0:
+  if paper and summary['width_multiplier'] == 1.0 and not regrouped:
     lines.append(f'Paper Table 2 ({summary["encoder"]}): {paper[0]:.2f} M params, {paper[1]:.2f} "GLOPs" at '
                  f'256x256, {paper[2]:.2f} at 1024x1024.')
   return '\n'.join(lines)

@@ -154,6 +154,21 @@ def test_resnext_groups_and_decoder_layouts():
   assert [b.conv1.kernel.shape[2] for b in full.class_decoder.blocks] == [3072, 768, 384, 128, 32]
   tiny = _abstract_shared('resnext50_32x4d', 5, TINY)
   assert tiny.encoder.layer1[0].conv2.feature_group_count == 16  # width 16 < 32: one channel per group
+  config = ml_collections.ConfigDict({'encoder': 'resnext50_32x4d', 'width_multiplier': TINY,
+                                      'dtype': 'float32'})
+  assert models.abstract_model(config, 5).encoder.layer1[0].conv2.feature_group_count == 16  # old config.json
+  dense = models.abstract_model(ml_collections.ConfigDict(dict(config, cardinality=1)), 5)
+  assert dense.encoder.layer1[0].conv2.feature_group_count == 1
+  assert dense.encoder.layer1[0].conv2.kernel.shape == (3, 3, 16, 16)
+  # Only the grouped 3x3 kernels grow: from in/groups input channels per output channel to all `in`.
+  blocks = [b for layer in (tiny.encoder.layer1, tiny.encoder.layer2, tiny.encoder.layer3, tiny.encoder.layer4)
+            for b in layer]
+  extra = sum(9 * b.conv2.out_features * (b.conv2.in_features - b.conv2.kernel.shape[2]) for b in blocks)
+  assert extra > 0
+  assert models.parameter_counts(dense)['encoder'] - models.parameter_counts(tiny)['encoder'] == extra
+  assert models.parameter_counts(dense)['class_decoder'] == models.parameter_counts(tiny)['class_decoder']
+  with pytest.raises(ValueError, match='cardinality'):
+    models.abstract_model(ml_collections.ConfigDict(dict(config, cardinality=0)), 5)
   cnx = _abstract_shared('convnext_base', 5)
   for decoder in (cnx.class_decoder, cnx.density_decoder):  # both decoders upsample x4 in the last block
     assert [b.upsample for b in decoder.blocks] == [2, 2, 2, 1, 4]

@@ -39,3 +39,14 @@ def test_summarize_and_table_in_process():
   assert result['gflops_64'] > 0
   table = summary.format_table(result)
   assert '64x64' in table and 'total' in table
+
+
+def test_table_flags_a_regrouped_resnext():
+  config = ml_collections.ConfigDict({'encoder': 'resnext50_32x4d', 'width_multiplier': 0.125,
+                                      'dtype': 'float32', 'cardinality': 1})
+  dense = summary.summarize(config, 3, sizes=(64,))
+  grouped = summary.summarize(ml_collections.ConfigDict(dict(config, cardinality=32)), 3, sizes=(64,))
+  assert dense['cardinality'] == 1 and dense['params'] > grouped['params']
+  assert dense['gflops_64'] > grouped['gflops_64']
+  assert 'not the reference architecture' in summary.format_table(dense)
+  assert 'not the reference architecture' not in summary.format_table(grouped)

@@ -23,6 +23,7 @@ TOTAL_STEPS = 6  # 3 epochs of 2 steps
 def tiny_config(data_dir: pathlib.Path):
   config = demo.get_config()
   config.dataset.data_dir = str(data_dir)
+  config.model.width_multiplier = 0.125  # tests stay tiny whatever the demo uses
   config.dataset.synthetic_train_size = 8
   config.dataset.synthetic_test_size = 4
   config.dataset.synthetic_tile_size = 64

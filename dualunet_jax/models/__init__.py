@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dualunet_jax.models import resnext
 from dualunet_jax.models.dualunet import count_params
 from dualunet_jax.models.dualunet import DualUNet
 from dualunet_jax.models.dualunet import ENCODERS
@@ -31,10 +32,12 @@ def compute_dtype(name: str) -> Any:
 
 
 def build_model(model_config: Any, num_classes: int, *, rngs: nnx.Rngs) -> DualUNet:
-  """DualUNet from `config.model` (fields `encoder`, `width_multiplier`, `dtype`); K = num_classes."""
+  """DualUNet from `config.model` (fields `encoder`, `width_multiplier`, `dtype`, optional `cardinality`);
+  K = num_classes. Configs saved before `cardinality` existed get the ResNeXt default (32)."""
   return DualUNet(encoder=model_config.encoder, num_classes=num_classes,
                   width_multiplier=float(model_config.width_multiplier),
-                  dtype=compute_dtype(model_config.dtype), rngs=rngs)
+                  dtype=compute_dtype(model_config.dtype),
+                  cardinality=int(model_config.get('cardinality', resnext.CARDINALITY)), rngs=rngs)
 
 
 def abstract_model(model_config: Any, num_classes: int) -> DualUNet:

@@ -68,10 +68,12 @@ class DualUNet(nnx.Module):
     width_multiplier: scales every channel count of encoder and decoders (`scale_channels`, multiples of 8);
       1.0 is the reference model, 1/8 a tiny test/demo model (~1/60 of the parameters).
     dtype: compute dtype (jnp.float32 or jnp.bfloat16); parameters are always float32.
+    cardinality: groups of the ResNeXt 3x3 convolutions (32 = ResNeXt-50 32x4d; 1 = dense, for tiny CPU
+      models: resnext.py says why). Ignored by ConvNeXt.
   """
 
   def __init__(self, *, encoder: str, num_classes: int, width_multiplier: float = 1.0, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               cardinality: int = resnext.CARDINALITY, rngs: nnx.Rngs):
     if encoder not in ENCODERS:
       raise ValueError(f'unknown encoder {encoder!r}; expected one of {ENCODERS}')
     if num_classes < 1:
@@ -85,8 +87,8 @@ class DualUNet(nnx.Module):
     scale = lambda c: scale_channels(c, width_multiplier)
     if encoder == 'resnext50_32x4d':
       self.encoder = resnext.ResNeXtEncoder(stem_width=scale(RESNEXT_STEM),
-                                            planes=tuple(scale(p) for p in RESNEXT_PLANES), dtype=dtype,
-                                            rngs=rngs)
+                                            planes=tuple(scale(p) for p in RESNEXT_PLANES),
+                                            cardinality=cardinality, dtype=dtype, rngs=rngs)
       upsample = RESNEXT_UPSAMPLE
     else:
       depths, dims = convnext.CONVNEXT_SPECS[encoder.removeprefix('convnext_')]
