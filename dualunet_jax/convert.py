@@ -53,6 +53,7 @@ from dualunet_jax import checkpointing
 from dualunet_jax import models
 from dualunet_jax.models import convnext as convnext_lib
 from dualunet_jax.models import dualunet as dualunet_lib
+from dualunet_jax.models import resnext as resnext_lib
 
 Path = tuple[str | int, ...]  # a Flax state path, e.g. ('encoder', 'layer1', 0, 'bn1', 'mean')
 
@@ -408,6 +409,10 @@ def load_encoder_weights(model: models.DualUNet, path: str | os.PathLike) -> Non
     if variant != model.encoder_name:
       raise ConversionError(f'{source}: holds {variant} weights but the model encoder is '
                             f'{model.encoder_name}; set --config.model.encoder={variant}')
+  elif model.cardinality != resnext_lib.CARDINALITY:
+    raise ConversionError(f'{source}: ResNeXt weights have {resnext_lib.CARDINALITY}-group 3x3 convolutions but '
+                          f'the model was built with cardinality {model.cardinality}; drop '
+                          '--config.model.cardinality')
   targets = _flat_shapes(model.encoder)
   shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
   plan = match_keys(targets, shapes, lambda p: encoder_key(p, convnext), source=source,

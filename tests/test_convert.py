@@ -611,6 +611,15 @@ def test_full_resnext_imagenet_pth(torch_mod, tmp_path):
                                 state['layer1.0.downsample.1.running_mean'].numpy())
 
 
+def test_resnext_weights_refuse_a_dense_3x3_model(no_torch, tmp_path):
+  path = _write(tmp_path, random_state_dict(_imagenet('resnext50_32x4d', TINY)), 'resnext50_32x4d.safetensors')
+  model = nnx.eval_shape(lambda: models.DualUNet(encoder='resnext50_32x4d', num_classes=K, width_multiplier=TINY,
+                                                 cardinality=1, rngs=nnx.Rngs(0)))
+  with pytest.raises(convert.ConversionError, match=r'resnext50_32x4d\.safetensors: ResNeXt weights have 32-group '
+                     r'3x3 convolutions but the model was built with cardinality 1'):
+    convert.load_encoder_weights(model, path)
+
+
 def test_timm_convnext_safetensors_keeps_decoders(no_torch, tmp_path):
   """timm keys (head.* ignored) from .safetensors without torch set every encoder tensor and nothing else."""
   state = random_state_dict(_imagenet('convnext_tiny', TINY, batches_tracked=False))

@@ -83,6 +83,7 @@ class DualUNet(nnx.Module):
     self.encoder_name = encoder
     self.num_classes = num_classes
     self.width_multiplier = width_multiplier
+    self.cardinality = cardinality
     self.dtype = jnp.dtype(dtype)
     scale = lambda c: scale_channels(c, width_multiplier)
     if encoder == 'resnext50_32x4d':
