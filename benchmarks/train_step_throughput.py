@@ -53,7 +53,8 @@ def fake_batch(batch: int, size: int, num_classes: int, seed: int = 0) -> dict[s
           'density': rng.random((batch, size, size), dtype=np.float32)}
 
 
-def time_variant(config, width: float, cardinality: int, batch: dict, mesh, runs: int) -> tuple[int, float, float]:
+def time_variant(config, width: float, cardinality: int, batch: dict, mesh, runs: int,
+                 ) -> tuple[int, float, float]:
   """(parameters, compile seconds, median seconds per step) of one model variant."""
   num_classes = config.dataset.num_classes
   with config.unlocked():

@@ -34,9 +34,9 @@ def get_config():
   config.targets.sigma = 2.0
 
   config.model.width_multiplier = 0.25  # ~5.3 M parameters (the reference model: 41 M)
-  # Dense 3x3s instead of ResNeXt's 32 groups: XLA:CPU runs grouped convolutions far below its dense speed, so
-  # this model (8x the parameters of the grouped width-1/8 one) trains 2x faster per step on a 2-core CPU
-  # (`python benchmarks/train_step_throughput.py --width_multipliers=0.125,0.25`). GPUs run groups well: keep 32.
+  # Dense 3x3s instead of ResNeXt's 32 groups: XLA:CPU runs grouped convolutions far below its dense speed,
+  # so this model (8x the parameters of the grouped width-1/8 one) trains 2x faster per step on a 2-core CPU
+  # (`python benchmarks/train_step_throughput.py --width_multipliers=0.125,0.25`). On GPUs keep 32 groups.
   config.model.cardinality = 1
 
   config.train.batch_size = 8

@@ -19,14 +19,14 @@ with the biased batch variance (PyTorch: unbiased); this only matters while trai
 
 Width multiplier: `stem_width` and `planes` are passed already scaled by the caller (`DualUNet`). The grouped
 3x3 of a block is `width = 2 * planes` wide (torchvision: planes * base_width 4 / 64 * groups 32) and uses
-`groups = gcd(cardinality, width)` groups: exactly 32 for the full model, and for narrow test models (width < 32,
-e.g. 16 at width_multiplier 1/8) one channel per group, so the group structure stays valid and every
-convolution shrinks by the square of the multiplier.
+`groups = gcd(cardinality, width)` groups: exactly 32 for the full model, and for narrow test models
+(width < 32, e.g. 16 at width_multiplier 1/8) one channel per group, so the group structure stays valid and
+every convolution shrinks by the square of the multiplier.
 
 Cardinality: 32 is ResNeXt (and the only value the released/ImageNet weights fit). `cardinality=1` makes the
 3x3 dense (a ResNet-50 bottleneck with the ResNeXt widths). It exists for tiny CPU models: XLA:CPU runs
-grouped and depthwise convolutions far below its dense-convolution speed. Train step, batch 8 of 128x128, 2-core
-build CPU: width 1/8 0.86 s grouped vs 0.23 s dense; width 1/4 3.19 s vs 0.42 s
+grouped and depthwise convolutions far below its dense-convolution speed. Train step, batch 8 of 128x128,
+2-core build CPU: width 1/8 0.86 s grouped vs 0.23 s dense; width 1/4 3.19 s vs 0.42 s
 (`python benchmarks/train_step_throughput.py --width_multipliers=0.125,0.25`).
 """
 
