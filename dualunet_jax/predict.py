@@ -38,7 +38,7 @@ flags.DEFINE_string('output', None, 'Output folder.')
 flags.DEFINE_list('mpp', [], 'Level-0 µm/px of the inputs: one value for all, or one per --input.')
 flags.DEFINE_integer('tile_size', 1024, 'Tile side in model-resolution pixels.')
 flags.DEFINE_integer('overlap', 128, 'Overlap between tiles (even; nuclei up to overlap/2 px radius are whole).')
-flags.DEFINE_integer('batch_size', 4, 'Tiles per device batch.')
+flags.DEFINE_integer('batch_size', 4, 'Tiles per device per batch (a batch is split over all local devices).')
 flags.DEFINE_bool('tta', False, 'Test-time augmentation: average --tta_views flip/rot90 views.')
 flags.DEFINE_enum('tta_views', '8', ['2', '4', '8'], 'Views with --tta (4: flips; 8: flips and rot90s).')
 flags.DEFINE_list('formats', ['geojson', 'csv', 'maps', 'overlay', 'composition'],
@@ -90,9 +90,10 @@ def main(argv):
     class_names = tuple(config.dataset.class_names)
     if len(class_names) != config.dataset.num_classes:
       class_names = tuple(f'class_{i}' for i in range(1, config.dataset.num_classes + 1))
+    batch_size = FLAGS.batch_size * getattr(predictor, 'num_devices', 1)  # every local device gets tiles
     options = engine.Options(
         model_mpp=float(config.dataset.mpp), class_names=class_names, tile_size=FLAGS.tile_size,
-        overlap=FLAGS.overlap, batch_size=FLAGS.batch_size, formats=tuple(FLAGS.formats), tissue=FLAGS.tissue,
+        overlap=FLAGS.overlap, batch_size=batch_size, formats=tuple(FLAGS.formats), tissue=FLAGS.tissue,
         workers=FLAGS.workers, postprocess=postprocess.from_config(config.postprocess), predictor_id=identity,
         keep_work=FLAGS.keep_work, progress=FLAGS.progress)
   except (ValueError, CheckpointError) as e:  # bad flags / paths / checkpoints

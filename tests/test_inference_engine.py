@@ -112,6 +112,32 @@ def test_tta_views_are_de_augmented_and_ensembles_average():
     engine.model_predictor([model], tta_views=3)
 
 
+def test_predictor_splits_batches_over_devices():
+  """4 simulated CPU devices (conftest) give the single-device outputs, also for a batch that needs padding."""
+  import jax
+  import ml_collections
+  from dualunet_jax import models
+  if jax.local_device_count() < 4:
+    pytest.skip('needs 4 local devices (tests/conftest.py sets XLA_FLAGS for 4 CPU devices)')
+  config = ml_collections.ConfigDict({'encoder': 'resnext50_32x4d', 'width_multiplier': 0.125, 'dtype': 'float32'})
+  model = models.fill_random(models.abstract_model(config, 3))
+  model.eval()
+  images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+  one = engine.model_predictor([model], probs_dtype='float32', devices=jax.local_devices()[:1])
+  four = engine.model_predictor([model], probs_dtype='float32')
+  assert (one.num_devices, four.num_devices) == (1, 4)
+  assert len(four(images)[0].sharding.device_set) == 4  # a full batch: one tile per device
+  images = images[:3]
+  p1, d1 = one(images)
+  p4, d4 = four(images)  # 3 tiles over 4 devices: one padded copy, cut off again
+  assert p4.shape == (3, 64, 64, 4) and d4.shape == (3, 64, 64)
+  # Per-device batches of 1 vs 3 run different XLA convolution kernels (summation order): float32 rounding,
+  # amplified by random untrained weights, moves probabilities by ~2e-4.
+  np.testing.assert_allclose(np.asarray(p4), np.asarray(p1), atol=1e-3)
+  np.testing.assert_allclose(np.asarray(d4), np.asarray(d1), atol=1e-3 * float(np.abs(d1).max()))
+  assert (np.asarray(p4).argmax(-1) == np.asarray(p1).argmax(-1)).mean() > 0.999
+
+
 def _background(images):
   probs = np.zeros(images.shape[:3] + (4,), np.float32)
   probs[..., 0] = 1

@@ -75,7 +75,7 @@ class Options:
     model_mpp: µm/px the model was trained at (`config.dataset.mpp`); inputs are resampled to it.
     class_names: names of classes 1..K.
     tile_size, overlap: tile side and total overlap in model-res px (margin = overlap / 2 per side).
-    batch_size: tiles per device batch.
+    batch_size: tiles per batch (the model predictor splits a batch over its devices).
     formats: subset of `exporters.FORMATS`.
     tissue: 'auto' (slides only) | 'on' | 'off': skip tiles without tissue on a thumbnail.
     workers: post-processing processes; 0 = os.cpu_count(); 1 = in the main thread (no overlap).
@@ -471,14 +471,20 @@ class MapsPredictor:
 VIEWS = ((0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True))
 
 
-def model_predictor(models: Sequence[Any], *, tta_views: int = 1, probs_dtype: str = 'float16') -> Predictor:
+def model_predictor(models: Sequence[Any], *, tta_views: int = 1, probs_dtype: str = 'float16',
+                    devices: Sequence[Any] | None = None) -> Predictor:
   """A jitted predictor averaging softmax probabilities and densities over TTA views and models.
+
+  Data parallel over `devices` (default: all local devices): the parameters are replicated, each batch is
+  split over the devices (padded with copies of its last tile to a multiple of their count; the padding is
+  cut from the outputs). `predictor.num_devices` tells callers how many tiles a batch needs to fill them.
 
   Args:
     models: Flax NNX `DualUNet`s in eval mode (a checkpoint ensemble: same K).
     tta_views: 1 (none), 2, 4 (flips / rot180: any shape) or 8 (all flips and rot90s); each view is
       de-augmented before averaging.
     probs_dtype: dtype of the returned probabilities ('float16' halves device->host and IPC traffic).
+    devices: the devices to run on (default `jax.local_devices()`).
   Returns:
     `predictor(images uint8[B, h, w, 3]) -> (class_probs [B, h, w, K+1], density float32[B, h, w])`, jax
     arrays (asynchronous).
@@ -486,11 +492,14 @@ def model_predictor(models: Sequence[Any], *, tta_views: int = 1, probs_dtype: s
   import jax
   import jax.numpy as jnp
   from flax import nnx
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
   if tta_views not in (1, 2, 4, 8):
     raise ValueError(f'tta_views must be 1, 2, 4 or 8, got {tta_views}')
+  mesh = Mesh(np.asarray(list(devices) if devices is not None else jax.local_devices()), ('data',))
   splits = [nnx.split(m) for m in models]
   graphdefs = [g for g, _ in splits]
-  states = [s for _, s in splits]
+  states = jax.device_put([s for _, s in splits], NamedSharding(mesh, PartitionSpec()))
+  batch_sharding = NamedSharding(mesh, PartitionSpec('data'))
   views = VIEWS[:tta_views]
   out_dtype = jnp.dtype(probs_dtype)
 
@@ -513,8 +522,15 @@ def model_predictor(models: Sequence[Any], *, tta_views: int = 1, probs_dtype: s
   jitted = jax.jit(forward)
 
   def predictor(images):
-    return jitted(states, jnp.asarray(images))
+    images = np.asarray(images)
+    n = images.shape[0]
+    pad = -n % mesh.size
+    if pad:  # eval-mode models treat tiles independently: the copies change nothing but the work done
+      images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+    probs, density = jitted(states, jax.device_put(images, batch_sharding))
+    return (probs[:n], density[:n]) if pad else (probs, density)
 
+  predictor.num_devices = mesh.size
   return predictor
 
 
