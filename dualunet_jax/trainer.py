@@ -204,7 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       tqdm.write(f'interrupted: checkpoint saved at step {step}; run the same command to resume')
     raise
   finally:
-    loader.close()  # stops grain's worker processes now, so their shared-memory batches are released
+    loader.close()  # closes grain's iterator now, not at garbage collection: frees its shared-memory batches
     bar.close()
     ckpt.wait()
     ckpt.close()
