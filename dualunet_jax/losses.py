@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dualunet_jax.config_fields import config_field
+
 CLASSIFICATION_LOSSES = ('ce', 'focal', 'asymmetric')
 
 
@@ -136,28 +138,20 @@ def asymmetric_loss(logits: jax.Array, target_onehot: jax.Array, class_weights: 
   return jnp.mean(per_pixel)
 
 
-def _cfg(config: Any, name: str, default: Any) -> Any:
-  if config is None:
-    return default
-  if isinstance(config, dict):
-    return config.get(name, default)
-  return getattr(config, name, default)
-
-
 def classification_loss(logits: jax.Array, target_onehot: jax.Array, class_weights: jax.Array,
                         loss_config: Any = None) -> jax.Array:
   """The class-head pixel loss selected by `loss_config.classification` ('ce' | 'focal' | 'asymmetric')."""
-  kind = _cfg(loss_config, 'classification', 'ce')
+  kind = config_field(loss_config, 'classification', 'ce')
   if kind == 'ce':
     return weighted_soft_cross_entropy(logits, target_onehot, class_weights)
   if kind == 'focal':
-    gamma = _cfg(loss_config, 'focal_gamma', 2.0)
+    gamma = config_field(loss_config, 'focal_gamma', 2.0)
     return weighted_focal_loss(logits, target_onehot, class_weights, gamma=gamma)
   if kind == 'asymmetric':
     return asymmetric_loss(logits, target_onehot, class_weights,
-                           gamma_neg=_cfg(loss_config, 'asl_gamma_neg', 4.0),
-                           gamma_pos=_cfg(loss_config, 'asl_gamma_pos', 1.0),
-                           clip=_cfg(loss_config, 'asl_clip', 0.05))
+                           gamma_neg=config_field(loss_config, 'asl_gamma_neg', 4.0),
+                           gamma_pos=config_field(loss_config, 'asl_gamma_pos', 1.0),
+                           clip=config_field(loss_config, 'asl_clip', 0.05))
   raise ValueError(f'loss.classification must be one of {CLASSIFICATION_LOSSES}, got {kind!r}')
 
 
@@ -188,8 +182,9 @@ def dual_loss(class_logits: jax.Array, density: jax.Array, class_map: jax.Array,
   ce = classification_loss(class_logits, onehot, class_weights, loss_config)
   dice = soft_dice_loss(class_logits, onehot, class_weights)
   mse = density_mse(density, density_target)
-  total = (_cfg(loss_config, 'ce_weight', 1.0) * ce + _cfg(loss_config, 'dice_weight', 1.0) * dice
-           + _cfg(loss_config, 'mse_weight', 1.0) * mse)
+  total = (config_field(loss_config, 'ce_weight', 1.0) * ce
+           + config_field(loss_config, 'dice_weight', 1.0) * dice
+           + config_field(loss_config, 'mse_weight', 1.0) * mse)
   return total, {'ce': ce, 'dice': dice, 'mse': mse, 'total': total}
 
 

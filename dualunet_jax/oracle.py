@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from dualunet_jax import metrics as metrics_lib
+from dualunet_jax.config_fields import config_field
 from dualunet_jax import postprocess as pp
 from dualunet_jax.data import consep, schema
 
@@ -45,14 +46,6 @@ def oracle_outputs(instance_map: np.ndarray, instance_classes: np.ndarray, num_c
                            unlabelled_class=1, num_classes=num_classes)
   probs = np.eye(num_classes + 1, dtype=np.float32)[t['class_map']]
   return probs, t['density']
-
-
-def _cfg_get(config: Any, key: str, default: Any) -> Any:
-  if config is None:
-    return default
-  if isinstance(config, Mapping):
-    return config.get(key, default)
-  return getattr(config, key, default)
 
 
 def _oracle_one(args: tuple[dict[str, Any], int, float, str, dict[str, Any], float]) -> metrics_lib.ImageStats:
@@ -85,8 +78,8 @@ def run_oracle(records: Iterable[Mapping[str, Any]], *, num_classes: int, target
   Returns:
     The `MetricsAccumulator.result()` dict.
   """
-  sigma = float(_cfg_get(targets_config, 'sigma', 5.0))
-  centroid = str(_cfg_get(targets_config, 'centroid', 'mass'))
+  sigma = float(config_field(targets_config, 'sigma', 5.0))
+  centroid = str(config_field(targets_config, 'centroid', 'mass'))
   pp_kwargs = pp.from_config(postprocess_config) if postprocess_config is not None else {}
   acc = metrics_lib.MetricsAccumulator(num_classes, match_radius, class_names=class_names)
   jobs = ((dict(r), num_classes, sigma, centroid, pp_kwargs, match_radius) for r in records)

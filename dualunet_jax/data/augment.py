@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dualunet_jax.config_fields import config_field
+
 # Ruifrok & Johnston stain vectors, exactly skimage.color.rgb_from_hed / hed_from_rgb.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float64)
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
@@ -37,12 +39,6 @@ _LOG_ADJUST = float(np.log(1e-6))  # skimage's optical-density scale: OD / -log(
 
 _MAP_KEYS = ('class_map', 'instance_map')  # nearest-neighbour resampled
 Batch = dict[str, jax.Array]
-
-
-def _get(config: Any, name: str, default: Any) -> Any:
-  if isinstance(config, Mapping):
-    return config.get(name, default)
-  return getattr(config, name, default)
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -220,14 +216,14 @@ def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], augment_config
     as already in [0, 1]); maps keep their dtypes.
   """
   cfg = {
-      'flips': bool(_get(augment_config, 'flips', False)),
-      'rot90': bool(_get(augment_config, 'rot90', False)),
-      'hed_scale': float(_get(augment_config, 'hed_scale', 0.0)),
-      'hed_shift': float(_get(augment_config, 'hed_shift', 0.0)),
-      'color_jitter': float(_get(augment_config, 'color_jitter', 0.0)),
-      'blur_sigma': float(_get(augment_config, 'blur_sigma', 0.0)),
-      'elastic_alpha': float(_get(augment_config, 'elastic_alpha', 0.0)),
-      'elastic_sigma': float(_get(augment_config, 'elastic_sigma', 8.0)),
+      'flips': bool(config_field(augment_config, 'flips', False)),
+      'rot90': bool(config_field(augment_config, 'rot90', False)),
+      'hed_scale': float(config_field(augment_config, 'hed_scale', 0.0)),
+      'hed_shift': float(config_field(augment_config, 'hed_shift', 0.0)),
+      'color_jitter': float(config_field(augment_config, 'color_jitter', 0.0)),
+      'blur_sigma': float(config_field(augment_config, 'blur_sigma', 0.0)),
+      'elastic_alpha': float(config_field(augment_config, 'elastic_alpha', 0.0)),
+      'elastic_sigma': float(config_field(augment_config, 'elastic_sigma', 8.0)),
   }
   # Static: what is on and the kernel radii (shapes); traced: the strengths, so changing a strength (or a
   # test sweeping them) does not recompile.
