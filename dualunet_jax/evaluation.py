@@ -17,7 +17,7 @@ from scipy import ndimage
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dualunet_jax import metrics as metrics_lib  # noqa
+from dualunet_jax import metrics as metrics_lib
 from dualunet_jax import postprocess as postprocess_lib
 from dualunet_jax.data import pipeline, schema
 

@@ -130,7 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   total_steps = config.train.epochs * steps_per_epoch
   class_weights = class_weights_for(config, train_source, num_classes, workdir)
   _say(f'{config.dataset.name}: {len(train_source)} training tiles, classes {list(class_names)}, '
-       f'class weights {np.round(class_weights, 4).tolist()}; {steps_per_epoch} steps/epoch, {total_steps} steps')
+       f'class weights {np.round(class_weights, 4).tolist()}; '
+       f'{steps_per_epoch} steps/epoch, {total_steps} steps')
 
   model, optimizer = create_train_state(config, num_classes, steps_per_epoch)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -190,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         meta = {'step': step, 'epoch': epoch, 'val': val_metrics}
         if value is not None and np.isfinite(value):  # NaN (e.g. an empty split) must not become the best
           ckpt.maybe_save_best(step, model, optimizer, meta, float(value))
-        tqdm.write(f'step {step} (epoch {epoch}) validation: ' + ', '.join(
+        _say(f'step {step} (epoch {epoch}) validation: ' + ', '.join(
             f'{k} {val_metrics[k]:.4f}' for k in ('f1_d', 'f1_c_mean', 'dice', 'bpq') if k in val_metrics))
       every = config.train.checkpoint_every_epochs
       if (epoch_done and every > 0 and epoch % every == 0) or step == end_step:
@@ -201,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if step > start_step and ckpt.latest_step() != step:
       model, optimizer = nnx.merge(graphdef, state)
       ckpt.save(step, model, optimizer, {'step': step, 'epoch': step // steps_per_epoch, 'interrupted': True})
-      tqdm.write(f'interrupted: checkpoint saved at step {step}; run the same command to resume')
+      _say(f'interrupted: checkpoint saved at step {step}; run the same command to resume')
     raise
   finally:
     loader.close()  # closes grain's iterator now, not at garbage collection: frees its shared-memory batches

@@ -373,7 +373,8 @@ def eval_batches(config: Any, source: Sequence[Record], *, batch_size: int,
   closes the batch early. Every batch is padded (zero images and maps) to `batch_size` rounded up to a
   multiple of the 'data' axis, so at most one compile per tile shape; `batch['valid']` bool[B] marks the
   real rows, which are rows 0..len(records)-1. Mixed-size sources therefore still work (in the worst case,
-  alternating sizes, one tile per batch). Every host reads every record (to agree on the grouping) but transfers only its rows.
+  alternating sizes, one tile per batch). Every host reads every record (to agree on the grouping) but
+  transfers only its rows.
 
   Yields:
     (batch, records): batch = {'image': uint8[B, H, W, 3], 'class_map': int32[B, H, W], 'density':
