@@ -157,7 +157,7 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
 
     bar = tqdm(total=n, desc=desc, unit='img', leave=False, disable=jax.process_index() != 0)
     for index, (record, probs, density) in enumerate(predict_maps(forward, source, config, mesh=mesh)):
-      window.append((index, record, processor.submit(probs, density), None))
+      window.append((index, record, processor.submit({'class_probs': probs, 'density': density[..., None]}), None))
       drain(limit=4 * max(1, processor.workers))  # bounded: host memory stays flat
       bar.update(1)
     drain(limit=0)

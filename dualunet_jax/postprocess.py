@@ -326,11 +326,21 @@ def _postprocess_reference(class_probs: np.ndarray, density: np.ndarray, *, mark
   return Instances(inst.astype(np.int32), classes, centroids, class_map, counts)
 
 
+# ----------------------------------------------------------------------------------------------- maps API
+
+
+def postprocess_maps(maps: Mapping[str, np.ndarray], **kwargs: Any) -> Instances:
+  """DualU-Net's post-processing of one tile's method maps (`methods.dualunet`): `postprocess` of
+  maps['class_probs'] float[H, W, K+1] and maps['density'] float[H, W, 1]."""
+  return postprocess(maps['class_probs'], maps['density'], **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------- parallel
 
 
-def _postprocess_star(args: tuple[np.ndarray, np.ndarray, dict[str, Any]]) -> Instances:
-  return postprocess(args[0], args[1], **args[2])
+def _call_star(args: tuple[Any, Mapping[str, np.ndarray], dict[str, Any]]) -> Any:
+  fn, maps, kwargs = args
+  return fn(maps, **kwargs)
 
 
 def _resolve_workers(workers: int) -> int:
@@ -342,17 +352,20 @@ def _resolve_workers(workers: int) -> int:
 class PostProcessor:
   """A reusable pool for post-processing many tiles while the device computes the next batch.
 
-  `workers=1` runs in the calling process (futures complete at submit time); otherwise a spawn-context
-  `ProcessPoolExecutor` (safe next to JAX, which must not be forked once initialised). Use as a context
-  manager or call `close()`.
+  `fn(maps, **kwargs) -> Instances` is a method's post-processing (`Method.postprocess_fn`, default
+  DualU-Net's `postprocess_maps`): a top-level function, pickled by reference, so the workers import only its
+  (JAX-free) module. `workers=1` runs in the calling process (futures complete at submit time); otherwise a
+  spawn-context `ProcessPoolExecutor` (safe next to JAX, which must not be forked once initialised). Use as a
+  context manager or call `close()`.
 
       with PostProcessor(workers=2, **from_config(config.postprocess)) as pp:
-        futures = [pp.submit(p, d) for p, d in zip(probs, dens)]
+        futures = [pp.submit({'class_probs': p, 'density': d}) for p, d in zip(probs, dens)]
         instances = [f.result() for f in futures]
   """
 
-  def __init__(self, workers: int = 0, **kwargs: Any):
+  def __init__(self, workers: int = 0, fn: Any = None, **kwargs: Any):
     self.workers = _resolve_workers(int(workers))
+    self.fn = fn or postprocess_maps
     self.kwargs = dict(kwargs)
     self._pool = None
     if self.workers > 1:
@@ -361,26 +374,28 @@ class PostProcessor:
 
   @classmethod
   def from_config(cls, postprocess_config: Mapping[str, Any], **overrides: Any) -> 'PostProcessor':
+    """DualU-Net's pool from `config.postprocess` (its `workers` field unless overridden)."""
     kwargs = from_config(postprocess_config)
     kwargs.update(overrides)
     workers = kwargs.pop('workers', postprocess_config.get('workers', 0))
     return cls(workers=workers, **kwargs)
 
-  def submit(self, class_probs: np.ndarray, density: np.ndarray, **kwargs: Any) -> concurrent.futures.Future:
-    """Future of `postprocess(class_probs, density, **self.kwargs, **kwargs)` for one tile."""
+  def submit(self, maps: Mapping[str, np.ndarray], **kwargs: Any) -> concurrent.futures.Future:
+    """Future of `fn(maps, **self.kwargs, **kwargs)` for one tile."""
     kw = {**self.kwargs, **kwargs}
+    maps = {k: np.asarray(v) for k, v in maps.items()}
     if self._pool is None:
       fut: concurrent.futures.Future = concurrent.futures.Future()
       try:
-        fut.set_result(postprocess(class_probs, density, **kw))
+        fut.set_result(self.fn(maps, **kw))
       except Exception as e:  # pylint: disable=broad-except
         fut.set_exception(e)
       return fut
-    return self._pool.submit(_postprocess_star, (np.asarray(class_probs), np.asarray(density), kw))
+    return self._pool.submit(_call_star, (self.fn, maps, kw))
 
-  def map(self, class_probs: Iterable[np.ndarray], density: Iterable[np.ndarray]) -> list[Instances]:
-    """`postprocess` of every (class_probs, density) pair, in order."""
-    futures = [self.submit(p, d) for p, d in zip(class_probs, density)]
+  def map(self, maps: Iterable[Mapping[str, np.ndarray]]) -> list[Instances]:
+    """`fn` of every tile's maps, in order."""
+    futures = [self.submit(m) for m in maps]
     return [f.result() for f in futures]
 
   def close(self) -> None:
@@ -413,4 +428,4 @@ def postprocess_batch(class_probs: np.ndarray | Sequence[np.ndarray], density: n
     raise PostprocessError(f'{len(class_probs)} class maps but {len(density)} density maps')
   workers = min(_resolve_workers(int(workers)), max(len(class_probs), 1))
   with PostProcessor(workers=workers, **kwargs) as pp:
-    return pp.map(class_probs, density)
+    return pp.map({'class_probs': p, 'density': d} for p, d in zip(class_probs, density))

@@ -152,7 +152,7 @@ def test_batch_and_pool_match_single(fixtures_dir):
     for a, b in zip(pp.postprocess_batch(probs, dens, workers=workers), single):
       _assert_same(a, b)
   with pp.PostProcessor(workers=1) as proc:
-    fut = proc.submit(probs[0], dens[0])
+    fut = proc.submit({'class_probs': probs[0], 'density': dens[0]})
     _assert_same(fut.result(), single[0])
 
 

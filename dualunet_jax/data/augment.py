@@ -57,6 +57,21 @@ def _dihedral(x: jax.Array, hflip: jax.Array, vflip: jax.Array, k: jax.Array, sq
   return x
 
 
+def _dihedral_vector(x: jax.Array, hflip: jax.Array, vflip: jax.Array, k: jax.Array, square: bool) -> jax.Array:
+  """`_dihedral` of a vector field `x: [H, W, 2]` with components (horizontal, vertical) in image axes (e.g.
+  HoVer-Net's distances to the nucleus centre): the pixels move as `_dihedral` moves them, and each flip of
+  an axis negates that axis' component, each transpose swaps the components."""
+  sign = lambda flag, c: jnp.where(flag, -1.0, 1.0) if c else 1.0
+  x = _dihedral(x, hflip, vflip, k, square)
+  h, v = x[..., 0], x[..., 1]
+  h, v = h * sign(hflip, 1), v * sign(vflip, 1)
+  if square:
+    h, v = jnp.where(k % 2 == 1, v, h), jnp.where(k % 2 == 1, h, v)
+  v = v * sign((k == 1) | (k == 2), 1)
+  h = h * sign((k == 2) | (k == 3), 1)
+  return jnp.stack([h, v], axis=-1).astype(x.dtype)
+
+
 def _gaussian_kernel(sigma: jax.Array | float, radius: int) -> jax.Array:
   """Normalised 1-D Gaussian float32[2 * radius + 1] (sigma may be traced; the radius is static)."""
   t = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
@@ -158,7 +173,7 @@ def _color_jitter(key: jax.Array, image: jax.Array, strength: jax.Array) -> jax.
 # ---------------------------------------------------------------------------------------------- per sample
 def _augment_one(key: jax.Array, sample: Batch, strengths: dict[str, jax.Array], static: tuple) -> Batch:
   """One sample: image float32[H, W, 3] in [0, 1] plus maps [H, W]; returns the same layout."""
-  flips, rot90, hed, color, blur_radius, elastic_sigma = static
+  flips, rot90, hed, color, blur_radius, elastic_sigma, vector_keys = static
   k_geo, k_rot, k_el, k_hed, k_col, k_blur = jax.random.split(key, 6)
   image = sample['image']
   h, w = image.shape[:2]
@@ -176,7 +191,8 @@ def _augment_one(key: jax.Array, sample: Batch, strengths: dict[str, jax.Array],
       k = jnp.int32(0)
     for name in out:
       if out[name].ndim >= 2:  # per-sample scalars (e.g. eval's 'valid') are not spatial
-        out[name] = _dihedral(out[name], hflip, vflip, k, square)
+        move = _dihedral_vector if name in vector_keys else _dihedral
+        out[name] = move(out[name], hflip, vflip, k, square)
 
   if elastic_sigma:
     field = _elastic_field(k_el, (h, w), strengths['elastic_alpha'], elastic_sigma)
@@ -199,7 +215,8 @@ def _augment_one(key: jax.Array, sample: Batch, strengths: dict[str, jax.Array],
   return out
 
 
-def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], augment_config: Any) -> Batch:
+def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], augment_config: Any,
+                  vector_keys: tuple[str, ...] = ()) -> Batch:
   """Random augmentation of a training batch, consistent across image and targets.
 
   Args:
@@ -210,6 +227,9 @@ def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], augment_config
     augment_config: `config.augment` (ConfigDict or mapping): flips, rot90 (bools), hed_scale, hed_shift,
       color_jitter, blur_sigma, elastic_alpha (RMS displacement, pixels), elastic_sigma (smoothness, pixels).
       Read at trace time: pass it as a closure / static argument under `jax.jit`.
+    vector_keys: names of [B, H, W, 2] vector fields (horizontal, vertical components, e.g. HoVer-Net's HV
+      targets) that also rotate under flips and quarter turns; elastic deformation resamples them bilinearly
+      without rotating the vectors (a smooth, small displacement field barely turns them).
 
   Returns:
     The same keys; 'image' float32[B, H, W, 3] in [0, 1] (uint8 input is divided by 255; float input is taken
@@ -229,7 +249,7 @@ def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], augment_config
   # test sweeping them) does not recompile.
   static = (cfg['flips'], cfg['rot90'], cfg['hed_scale'] > 0 or cfg['hed_shift'] > 0, cfg['color_jitter'] > 0,
             _radius(cfg['blur_sigma']) if cfg['blur_sigma'] > 0 else 0,
-            cfg['elastic_sigma'] if cfg['elastic_alpha'] > 0 else 0.0)
+            cfg['elastic_sigma'] if cfg['elastic_alpha'] > 0 else 0.0, tuple(vector_keys))
   strengths = {k: jnp.float32(cfg[k]) for k in ('hed_scale', 'hed_shift', 'color_jitter', 'blur_sigma',
                                                   'elastic_alpha')}
   return _augment_jit(key, dict(batch), strengths, static)
