@@ -58,12 +58,11 @@ class DeviceOraclePredictor:
     self.oracle = engine.MapsPredictor(maps)
     # nan_to_num: random weights can overflow, and inf * 0 would poison the oracle maps.
     zero = lambda x: jnp.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) * 0
-    self.combine = jax.jit(lambda p, d, op, od: ((zero(p) + op).astype(jnp.float16), zero(d) + od))
+    self.combine = jax.jit(lambda maps, oracle: {
+        name: (zero(maps[name]) + oracle[name]).astype(maps[name].dtype) for name in maps})
 
   def __call__(self, images, windows):
-    p, d = self.model(images)
-    op, od = self.oracle(images, windows)
-    return self.combine(p, d, op.astype(np.float16), od)
+    return self.combine(self.model(images), self.oracle(images, windows))
 
 
 def synthetic_inputs(folder: pathlib.Path, n_tiles: int, image_side: int):
@@ -75,7 +74,7 @@ def synthetic_inputs(folder: pathlib.Path, n_tiles: int, image_side: int):
 
   def oracle(inst, classes):
     t = targets.make_targets(inst, classes, sigma=5.0)
-    return np.eye(4, dtype=np.float16)[t['class_map']], t['density']
+    return {'class_probs': np.eye(4, dtype=np.float16)[t['class_map']], 'density': t['density'][..., None]}
 
   (folder / 'tiles').mkdir(parents=True)
   for i in range(n_tiles):

@@ -69,7 +69,7 @@ def time_variant(config, width: float, cardinality: int, batch: dict, mesh, runs
   batch = jax.device_put(batch, NamedSharding(mesh, P('data')))
   weights = jnp.full((num_classes + 1,), 1.0 / (num_classes + 1), jnp.float32)
   step = jax.jit(functools.partial(trainer.train_step, graphdef, class_weights=weights,
-                                   augment_config=config.augment, loss_config=config.loss), donate_argnums=0)
+                                   config=config), donate_argnums=0)
   key = jax.random.key(0)
   t = time.perf_counter()
   state, metrics = step(state, batch, key)

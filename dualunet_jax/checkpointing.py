@@ -176,7 +176,7 @@ def restore_for_inference(path_or_workdir: str | os.PathLike, which: str | int =
   """Builds the model described by `W/config.json`, loads checkpoint `which` into it and puts it in eval
   mode. `path_or_workdir` is a workdir or one of its checkpoint folders (`W/best/123`, `W/checkpoints/40`),
   in which case `which` is ignored."""
-  from dualunet_jax import models  # here, not at import: keeps this module light for tools
+  from dualunet_jax import methods  # here, not at import: keeps this module light for tools
 
   path = pathlib.Path(path_or_workdir).absolute()
   is_step_folder = path.name.isdigit() and path.parent.name in (PERIODIC_DIR, BEST_DIR)
@@ -186,7 +186,7 @@ def restore_for_inference(path_or_workdir: str | os.PathLike, which: str | int =
   config = load_config(workdir)
   # Abstract (shape-only) model: every value comes from the checkpoint, so a random initialisation (one XLA
   # compile per parameter shape, tens of seconds on a small CPU) would be wasted.
-  model = models.abstract_model(config.model, config.dataset.num_classes)
+  model = methods.get(config).abstract_model(config, config.dataset.num_classes)
   if is_step_folder:
     _restore_into(path.parent, int(path.name), model)
   else:

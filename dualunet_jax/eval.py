@@ -1,4 +1,4 @@
-"""Evaluate a trained DualU-Net on a split and print every metric.
+"""Evaluate a trained model (any method: DualU-Net, HoVer-Net, ...) on a split and print every metric.
 
     python -m dualunet_jax.eval --config=configs/consep.py --workdir=W [--split=test] [--checkpoint=best|last|STEP]
     python -m dualunet_jax.eval --config=configs/consep.py --workdir=W --robustness     # paper, Appendix D
@@ -34,8 +34,10 @@ HEADLINE = ('f1_d', 'f1_c_mean', 'dice', 'bpq', 'mpq', 'aji')
 def _merge_trained_config(config, workdir: pathlib.Path):
   """The model-defining fields come from the training run, so the checkpoint always fits the model."""
   from dualunet_jax import checkpointing
+  from dualunet_jax import methods
   trained = checkpointing.load_config(workdir)
   with config.unlocked():
+    config.method = methods.method_name(trained)
     config.model = trained.model
     for key in ('num_classes', 'class_names', 'mpp'):
       config.dataset[key] = trained.dataset[key]
@@ -53,22 +55,23 @@ def main(argv):
   config = FLAGS.config
   split = FLAGS.split or config.dataset.test_split
   if FLAGS.oracle:
-    from dualunet_jax import oracle
+    from dualunet_jax import methods, oracle
     source = sources.load_source(config.dataset, split)
     results = oracle.run_oracle(
         (source[i] for i in range(len(source))), num_classes=config.dataset.num_classes,
         targets_config=config.targets, postprocess_config=config.postprocess,
         match_radius=config.eval.match_radius, workers=config.postprocess.workers,
-        class_names=tuple(config.dataset.class_names))
+        class_names=tuple(config.dataset.class_names), method=methods.method_name(config))
     out_dir = pathlib.Path(FLAGS.output or 'workdirs/oracle')
     name = f'{config.dataset.name}_{split}_oracle'
   else:
     if not FLAGS.workdir:
       raise app.UsageError('--workdir is required (or use --oracle)')
-    from dualunet_jax import checkpointing, models, trainer
+    from dualunet_jax import checkpointing, methods, trainer
     workdir = pathlib.Path(FLAGS.workdir)
     config = _merge_trained_config(config, workdir)
-    model = models.abstract_model(config.model, config.dataset.num_classes)  # values come from the checkpoint
+    # Values come from the checkpoint: an abstract (shape-only) model.
+    model = methods.get(config).abstract_model(config, config.dataset.num_classes)
     meta = checkpointing.restore_model(workdir, model, FLAGS.checkpoint)
     model.eval()
     source = sources.load_source(config.dataset, split)

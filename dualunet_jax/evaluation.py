@@ -17,6 +17,7 @@ from scipy import ndimage
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dualunet_jax import methods
 from dualunet_jax import metrics as metrics_lib
 from dualunet_jax import postprocess as postprocess_lib
 from dualunet_jax.data import pipeline, schema
@@ -25,13 +26,15 @@ from dualunet_jax.data import pipeline, schema
 ROBUSTNESS_REPEATS = 5
 ROBUSTNESS_KEYS = ('f1_d', 'f1_c_mean', 'dice')
 
-Forward = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+Forward = Callable[[jax.Array], dict[str, jax.Array]]
 
 
-def make_forward(model: nnx.Module, mesh: Mesh | None = None) -> Forward:
-  """A jitted `images float|uint8[B, H, W, 3] -> (class_probs float32[B, H, W, K+1], density float32[B, H, W])`
-  of `model` in eval mode (softmax applied, density raw as the reference's post-processing expects), with the
-  model state replicated over `mesh` (default: all devices) so batches sharded on its 'data' axis fit it."""
+def make_forward(model: nnx.Module, mesh: Mesh | None = None, method: Any = None) -> Forward:
+  """A jitted `images float|uint8[B, H, W, 3] -> {name: float32[B, H, W, C]}` of `model` in eval mode: the
+  method's maps (`Method.forward_maps`: softmax class probabilities and the method's other maps, covering
+  the whole image), with the model state replicated over `mesh` (default: all devices) so batches sharded
+  on its 'data' axis fit it. `method` defaults to DualU-Net."""
+  method = method or methods.get(methods.DEFAULT)
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, NamedSharding(mesh or pipeline.default_mesh(), P()))
 
@@ -39,8 +42,7 @@ def make_forward(model: nnx.Module, mesh: Mesh | None = None) -> Forward:
   def forward(state, images):
     m = nnx.merge(graphdef, state)
     m.eval()
-    class_logits, density = m(images)
-    return jax.nn.softmax(class_logits, axis=-1), density
+    return method.forward_maps(m, images)
 
   return lambda images: forward(state, images)
 
@@ -82,8 +84,8 @@ def _host(x: jax.Array) -> np.ndarray:
 
 
 def predict_maps(forward: Forward, source: Any, config: ml_collections.ConfigDict, *, mesh: Mesh | None = None,
-                 ) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
-  """Yields (record, class_probs float32[H, W, K+1], density float32[H, W]) for each record, in order.
+                 ) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
+  """Yields (record, maps {name: float32[H, W, C]}) for each record, in order.
 
   The record's `image` and `instance_map` are those of the evaluated grid (`pipeline.eval_batches`: whole
   tiles, resized in the reference's parity mode). The next batch is dispatched to the devices before the
@@ -100,7 +102,7 @@ def predict_maps(forward: Forward, source: Any, config: ml_collections.ConfigDic
 
 
 def _emit(batch, records, outputs):
-  probs, density = _host(outputs[0]), _host(outputs[1])
+  maps = {name: _host(value) for name, value in outputs.items()}
   images, instance_maps, class_maps = (_host(batch[k]) for k in ('image', 'instance_map', 'class_map'))
   for j, record in enumerate(records):
     # The evaluated grid was relabelled 1..N (a resize can drop tiny nuclei, shifting ids), so each nucleus
@@ -110,7 +112,7 @@ def _emit(batch, records, outputs):
     classes = ndimage.maximum(class_maps[j], labels=inst, index=np.arange(1, n + 1)).astype(np.int32) if n \
         else np.zeros((0,), np.int32)
     evaluated = dict(record, image=images[j], instance_map=inst, instance_classes=classes)
-    yield evaluated, probs[j], density[j]
+    yield evaluated, {name: value[j] for name, value in maps.items()}
 
 
 def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.ConfigDict, *,
@@ -126,7 +128,8 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
   from tqdm import tqdm
 
   mesh = mesh or pipeline.default_mesh()
-  forward = make_forward(model, mesh) if isinstance(model, nnx.Module) else model
+  method = methods.get(config)
+  forward = make_forward(model, mesh, method) if isinstance(model, nnx.Module) else model
   num_classes = config.dataset.num_classes
   n = len(source) if not max_images else min(max_images, len(source))
   source = _Prefix(source, n)
@@ -137,13 +140,13 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
   overlays = pathlib.Path(overlays_dir) if overlays_dir and num_overlays else None
   if overlays is not None:
     overlays.mkdir(parents=True, exist_ok=True)
-  kwargs = postprocess_lib.from_config(config.postprocess)
   window = collections.deque()
-  with postprocess_lib.PostProcessor(config.postprocess.workers, **kwargs) as processor:
+  with postprocess_lib.PostProcessor(config.postprocess.workers, method.postprocess_fn,
+                                     **method.postprocess_kwargs(config)) as processor:
 
     def drain(limit):
       while len(window) > limit:
-        index, record, future, probs = window.popleft()
+        index, record, future = window.popleft()
         instances = future.result()
         accumulator.add(record[schema.INSTANCE_MAP], record[schema.INSTANCE_CLASSES], instances)
         if per_image is not None:
@@ -156,8 +159,8 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
                        num_classes)
 
     bar = tqdm(total=n, desc=desc, unit='img', leave=False, disable=jax.process_index() != 0)
-    for index, (record, probs, density) in enumerate(predict_maps(forward, source, config, mesh=mesh)):
-      window.append((index, record, processor.submit({'class_probs': probs, 'density': density[..., None]}), None))
+    for index, (record, maps) in enumerate(predict_maps(forward, source, config, mesh=mesh)):
+      window.append((index, record, processor.submit(maps)))
       drain(limit=4 * max(1, processor.workers))  # bounded: host memory stays flat
       bar.update(1)
     drain(limit=0)
@@ -228,7 +231,7 @@ def evaluate_robustness(model: nnx.Module, source: Any, config: ml_collections.C
                         mesh: Mesh | None = None) -> dict[str, Any]:
   """Mean ± std over `ROBUSTNESS_REPEATS` perturbed copies of the split of F1d, mean F1c and Dice."""
   mesh = mesh or pipeline.default_mesh()
-  forward = make_forward(model, mesh)
+  forward = make_forward(model, mesh, methods.get(config))
   runs = []
   for r in range(ROBUSTNESS_REPEATS):
     runs.append(evaluate(forward, source, config, mesh=mesh, transform=robustness_transform(config, r),

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
+import ml_collections
 import numpy as np
 
 from dualunet_jax import metrics as metrics_lib
@@ -48,41 +49,51 @@ def oracle_outputs(instance_map: np.ndarray, instance_classes: np.ndarray, num_c
   return probs, t['density']
 
 
-def _oracle_one(args: tuple[dict[str, Any], int, float, str, dict[str, Any], float]) -> metrics_lib.ImageStats:
-  """Worker: oracle outputs -> postprocess -> per-image statistics of one record."""
-  record, num_classes, sigma, centroid, pp_kwargs, match_radius = args
+def _oracle_one(args: tuple[dict[str, Any], int, dict[str, Any], float]) -> metrics_lib.ImageStats:
+  """Worker: the method's oracle maps -> its post-processing -> per-image statistics of one record."""
+  from dualunet_jax import methods  # pylint: disable=import-outside-toplevel
+  record, num_classes, config, match_radius = args
+  config = ml_collections.ConfigDict(config)
+  method = methods.get(config)
   inst = np.asarray(record[schema.INSTANCE_MAP])
   cls = np.asarray(record[schema.INSTANCE_CLASSES])
-  probs, density = oracle_outputs(inst, cls, num_classes, sigma=sigma, centroid=centroid)
-  pred = pp.postprocess(probs, density, num_classes=num_classes, **pp_kwargs)
+  maps = method.oracle_maps(inst, cls, num_classes, config)
+  pred = method.postprocess_fn(maps, num_classes=num_classes, **method.postprocess_kwargs(config))
   tissue = schema.decode_text(record.get(schema.TISSUE, ''))
   return metrics_lib.image_stats(inst, cls, pred.instance_map, pred.classes, num_classes=num_classes,
                                  match_radius=match_radius, pred_class_map=pred.class_map,
                                  pred_centroids=pred.centroids, tissue=tissue)
 
 
+def _as_dict(section: Any) -> dict[str, Any]:
+  if section is None:
+    return {}
+  return section.to_dict() if hasattr(section, 'to_dict') else dict(section)
+
+
 def run_oracle(records: Iterable[Mapping[str, Any]], *, num_classes: int, targets_config: Any = None,
                postprocess_config: Any = None, match_radius: float = 12.0, workers: int = 0,
-               class_names: Sequence[str] | None = None) -> dict[str, float]:
-  """Metrics of the oracle outputs of `records` through `postprocess` and `metrics`.
+               class_names: Sequence[str] | None = None, method: str = 'dualunet') -> dict[str, float]:
+  """Metrics of a method's oracle maps of `records` through its post-processing and `metrics`.
 
   Args:
     records: schema records (at least `instance_map`, `instance_classes`).
     num_classes: K.
     targets_config: `config.targets` (sigma, centroid) or a dict; None = defaults (5, 'mass').
-    postprocess_config: `config.postprocess` or a dict of `postprocess` options; None = reference defaults.
+    postprocess_config: `config.postprocess` or a dict of post-processing options; None = reference defaults.
     match_radius: detection pairing radius (config.eval.match_radius).
     workers: processes (0 = os.cpu_count(), 1 = in-process).
     class_names: names for the per-class keys.
+    method: `config.method` (whose oracle maps and post-processing are used).
 
   Returns:
     The `MetricsAccumulator.result()` dict.
   """
-  sigma = float(config_field(targets_config, 'sigma', 5.0))
-  centroid = str(config_field(targets_config, 'centroid', 'mass'))
-  pp_kwargs = pp.from_config(postprocess_config) if postprocess_config is not None else {}
+  targets = {'sigma': float(config_field(targets_config, 'sigma', 5.0)),
+             'centroid': str(config_field(targets_config, 'centroid', 'mass'))}
+  config = {'method': method, 'targets': targets, 'postprocess': _as_dict(postprocess_config)}
   acc = metrics_lib.MetricsAccumulator(num_classes, match_radius, class_names=class_names)
-  jobs = ((dict(r), num_classes, sigma, centroid, pp_kwargs, match_radius) for r in records)
+  jobs = ((dict(r), num_classes, config, match_radius) for r in records)
   workers = workers or os.cpu_count() or 1
   if workers == 1:
     acc.add_stats(_oracle_one(j) for j in jobs)

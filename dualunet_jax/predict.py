@@ -60,13 +60,16 @@ def _predictor(checkpoints: list[str], tta_views: int):
   if checkpoints:
     return engine.checkpoint_predictor(checkpoints, which=FLAGS.which, tta_views=tta_views)
   from flax import nnx
-  from dualunet_jax import models
+  from dualunet_jax import methods
   config = FLAGS.config
-  logging.warning('no checkpoint: predicting with a RANDOMLY INITIALISED %s model', config.model.encoder)
-  model = models.build_model(config.model, config.dataset.num_classes, rngs=nnx.Rngs(config.seed))
+  method = methods.get(config)
+  logging.warning('no checkpoint: predicting with a RANDOMLY INITIALISED %s model (%s)', method.name,
+                  config.model.encoder)
+  model = method.build_model(config, config.dataset.num_classes, rngs=nnx.Rngs(config.seed))
   model.eval()
-  identity = json.dumps({'random_init': config.model.to_dict(), 'seed': config.seed, 'tta_views': tta_views})
-  return engine.model_predictor([model], tta_views=tta_views), config, identity
+  identity = json.dumps({'random_init': config.model.to_dict(), 'method': method.name, 'seed': config.seed,
+                         'tta_views': tta_views})
+  return engine.model_predictor([model], method=method, tta_views=tta_views), config, identity
 
 
 def main(argv):
@@ -77,7 +80,7 @@ def main(argv):
   checkpoints = list(FLAGS.checkpoint) + ([FLAGS.workdir] if FLAGS.workdir else [])
   if not checkpoints and FLAGS.config is None:
     raise app.UsageError('give --workdir or --checkpoint (or --config for a randomly initialised model)')
-  from dualunet_jax import postprocess
+  from dualunet_jax import methods
   from dualunet_jax.inference import engine, slide
   tta_views = int(FLAGS.tta_views) if FLAGS.tta else 1
   try:
@@ -94,7 +97,8 @@ def main(argv):
     options = engine.Options(
         model_mpp=float(config.dataset.mpp), class_names=class_names, tile_size=FLAGS.tile_size,
         overlap=FLAGS.overlap, batch_size=batch_size, formats=tuple(FLAGS.formats), tissue=FLAGS.tissue,
-        workers=FLAGS.workers, postprocess=postprocess.from_config(config.postprocess), predictor_id=identity,
+        workers=FLAGS.workers, postprocess=methods.get(config).postprocess_kwargs(config),
+        postprocess_fn=methods.get(config).postprocess_fn, predictor_id=identity,
         keep_work=FLAGS.keep_work, progress=FLAGS.progress)
   except (ValueError, CheckpointError) as e:  # bad flags / paths / checkpoints
     _fail(e)

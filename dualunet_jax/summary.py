@@ -1,4 +1,5 @@
-r"""Model summary: parameters per part and forward GFLOPs (XLA cost analysis), nothing materialised.
+r"""Model summary of any method: parameters per part and forward GFLOPs (XLA cost analysis), nothing
+materialised.
 
     python -m dualunet_jax.summary --config=configs/default.py [--config.model.encoder=convnext_base] \
         [--num_classes=5] [--sizes=256,1024] [--json]
@@ -8,7 +9,7 @@ only lowered, never compiled or run, so even 1024x1024 costs about a second on a
 on the lowered HLO: a multiply-add is 2 FLOPs, and element-wise ops (BatchNorm, ReLU, padding, ...) are
 included. The paper's Table 2 "GLOPs" (ResNeXt 41.01 M params, 16.26 / 260.23 at 256^2 / 1024^2; ConvNeXt
 97.81 M, 26.78 / 428.49) are most likely multiply-accumulates (e.g. thop/ptflops), so compare them with
-FLOPs / 2.
+FLOPs / 2. Each method adds its notes (DualU-Net: the paper's Table 2; HoVer-Net: the official counts).
 
 With --json the last stdout line is one JSON object with at least `params`, `gflops_256`, `gflops_1024`
 (one `gflops_<size>` / `gmacs_<size>` pair per requested size).
@@ -25,8 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import config_flags
 
-from dualunet_jax import models
-from dualunet_jax.models import resnext
+from dualunet_jax import methods
+from dualunet_jax.methods.base import margin_of
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', None,
@@ -34,14 +35,9 @@ _NUM_CLASSES = flags.DEFINE_integer('num_classes', None,
 _SIZES = flags.DEFINE_list('sizes', ['256', '1024'], 'Square tile sides for the FLOP count.')
 _JSON = flags.DEFINE_bool('json', False, 'Also print one JSON object as the last stdout line.')
 
-PAPER_TABLE2 = {  # encoder -> (params M, "GLOPs" at 256^2, at 1024^2), MIDL 2025 paper Table 2.
-    'resnext50_32x4d': (41.01, 16.26, 260.23),
-    'convnext_base': (97.81, 26.78, 428.49),
-}
-
-
-def forward_flops(model: models.DualUNet, size: int, batch: int = 1) -> float:
-  """XLA FLOPs of the eval-mode forward of `model` (concrete or abstract) on float32[batch, size, size, 3]."""
+def forward_flops(model: nnx.Module, size: int, batch: int = 1) -> float:
+  """XLA FLOPs of the eval-mode forward of `model` (concrete or abstract) on float32[batch, size, size, 3]
+  (for a valid-convolution model that is the input: its outputs are size - 2 * margin)."""
   graphdef, state = nnx.split(model)
 
   def forward(state, images):
@@ -59,18 +55,22 @@ def forward_flops(model: models.DualUNet, size: int, batch: int = 1) -> float:
   return float(cost['flops'])
 
 
-def summarize(model_config: Any, num_classes: int, sizes: Sequence[int] = (256, 1024)) -> dict[str, Any]:
-  """Parameter counts per part and GFLOPs / GMACs (= FLOPs / 2) per tile size, from an abstract model."""
-  model = models.abstract_model(model_config, num_classes)
-  counts = models.parameter_counts(model)
+def summarize(config: Any, num_classes: int, sizes: Sequence[int] = (256, 1024)) -> dict[str, Any]:
+  """Parameter counts per part and GFLOPs / GMACs (= FLOPs / 2) per tile size of the experiment config's
+  method and model (`config.method`, `config.model`), from an abstract model."""
+  method = methods.get(config)
+  model = method.abstract_model(config, num_classes)
+  counts = method.parameter_counts(model)
   result: dict[str, Any] = {
-      'encoder': model_config.encoder,
+      'method': method.name,
+      'encoder': config.model.encoder,
       'num_classes': num_classes,
-      'width_multiplier': float(model_config.width_multiplier),
-      'cardinality': model.cardinality,
-      'dtype': model_config.dtype,
+      'width_multiplier': float(config.model.width_multiplier),
+      'dtype': config.model.dtype,
+      'margin': margin_of(model),
       'params': counts['total'],
       'params_per_part': counts,
+      'notes': method.summary_notes(config, model, counts),
   }
   for size in sizes:
     flops = forward_flops(model, size)
@@ -81,13 +81,9 @@ def summarize(model_config: Any, num_classes: int, sizes: Sequence[int] = (256, 
 
 def format_table(summary: dict[str, Any]) -> str:
   """Human-readable table of `summarize` output."""
-  lines = [f"DualU-Net  encoder={summary['encoder']}  K={summary['num_classes']} "
+  lines = [f"{summary['method']}  encoder={summary['encoder']}  K={summary['num_classes']} "
            f"(class head {summary['num_classes'] + 1} ch)  width_multiplier={summary['width_multiplier']:g}  "
            f"dtype={summary['dtype']}", '', f"{'part':<18}{'parameters':>14}"]
-  regrouped = summary['encoder'].startswith('resnext') and summary['cardinality'] != resnext.CARDINALITY
-  if regrouped:
-    lines.insert(1, f"ResNeXt 3x3 convolutions in {summary['cardinality']} group(s), not "
-                    f"{resnext.CARDINALITY}: not the reference architecture")
   for part, n in summary['params_per_part'].items():
     if part == 'total':
       lines.append('-' * 32)
@@ -97,12 +93,11 @@ def format_table(summary: dict[str, Any]) -> str:
   for size in sizes:
     lines.append(f"{f'{size}x{size}':<18}{summary[f'gflops_{size}']:>14.2f}{summary[f'gmacs_{size}']:>16.2f}")
   lines.append('')
-  lines.append('XLA counts FLOPs (a multiply-add = 2, element-wise ops included); the paper\'s Table 2 '
-               '"GLOPs" are most likely multiply-accumulates: compare them with FLOPs/2.')
-  paper = PAPER_TABLE2.get(summary['encoder'])
-  if paper and summary['width_multiplier'] == 1.0 and not regrouped:
-    lines.append(f'Paper Table 2 ({summary["encoder"]}): {paper[0]:.2f} M params, {paper[1]:.2f} "GLOPs" at '
-                 f'256x256, {paper[2]:.2f} at 1024x1024.')
+  if summary.get('margin'):
+    lines.append(f"Valid convolutions: an S x S input gives (S - {2 * summary['margin']})^2 outputs.")
+  lines.append('XLA counts FLOPs (a multiply-add = 2, element-wise ops included); papers\' "GFLOPs" are most '
+               'often multiply-accumulates: compare them with FLOPs/2.')
+  lines += summary.get('notes', [])
   return '\n'.join(lines)
 
 
@@ -117,7 +112,7 @@ def main(argv: Sequence[str]) -> None:
     sizes = [int(s) for s in _SIZES.value]
   except ValueError as e:
     raise app.UsageError(f'--sizes must be integers, got {_SIZES.value}') from e
-  summary = summarize(config.model, num_classes, sizes)
+  summary = summarize(config, num_classes, sizes)
   print(format_table(summary))
   if _JSON.value:
     print(json.dumps(summary))

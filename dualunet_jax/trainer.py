@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dualunet_jax import checkpointing, evaluation, losses, metric_writers, models, optim
+from dualunet_jax import checkpointing, evaluation, losses, methods, metric_writers, optim
 from dualunet_jax.data import augment, pipeline, sources, targets
 
 CLASS_WEIGHTS_FILE = 'class_weights.json'
@@ -35,34 +35,37 @@ def make_mesh() -> Mesh:
 
 def create_train_state(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int
                        ) -> tuple[nnx.Module, nnx.Optimizer]:
-  model = models.build_model(config.model, num_classes, rngs=nnx.Rngs(config.seed))
+  method = methods.get(config)
+  model = method.build_model(config, num_classes, rngs=nnx.Rngs(config.seed))
   if config.model.get('encoder_init'):
-    from dualunet_jax import convert  # torch / safetensors readers only when asked for
-    convert.load_encoder_weights(model, config.model.encoder_init)
+    method.encoder_init(model, config.model.encoder_init)
   optimizer = nnx.Optimizer(model, optim.make_optimizer(config.train, steps_per_epoch), wrt=nnx.Param)
   return model, optimizer
 
 
 def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], key: jax.Array, *,
-               class_weights: jax.Array, augment_config: ml_collections.ConfigDict,
-               loss_config: ml_collections.ConfigDict) -> tuple[nnx.State, dict[str, jax.Array]]:
+               class_weights: jax.Array, config: ml_collections.ConfigDict
+               ) -> tuple[nnx.State, dict[str, jax.Array]]:
   """One optimisation step; a pure function of (state, batch, key).
 
   Args:
     graphdef, state: `nnx.split((model, optimizer))`.
-    batch: image uint8[B, H, W, 3], class_map int32[B, H, W], density float32[B, H, W] (global arrays).
+    batch: image uint8[B, H, W, 3], class_map int32[B, H, W], instance_map int32[B, H, W] and the method's
+      targets (e.g. density float32[B, H, W]) as global arrays.
     key: PRNG key of this step (augmentation).
+    class_weights: float32[K+1].
+    config: the experiment config (method, augment, loss); read at trace time.
   Returns:
-    The new state and scalar metrics (loss parts, gradient norm, learning rate).
+    The new state and scalar metrics (loss parts, gradient norm).
   """
+  method = methods.get(config)
   model, optimizer = nnx.merge(graphdef, state)
   model.train()
-  batch = augment.augment_batch(key, batch, augment_config)
+  vector_keys = tuple(k for k, kind in method.target_kinds.items() if kind == 'hv')
+  batch = augment.augment_batch(key, batch, config.augment, vector_keys=vector_keys)
 
   def loss_fn(model):
-    class_logits, density = model(batch['image'])
-    return losses.dual_loss(class_logits, density, batch['class_map'], batch['density'], class_weights,
-                            loss_config)
+    return method.loss(model(batch['image']), batch, class_weights, config)
 
   (_, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
@@ -144,9 +147,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   replicated = NamedSharding(mesh, P())
   graphdef, state = nnx.split((model, optimizer))
   state = jax.device_put(state, replicated)
-  step_fn = jax.jit(functools.partial(
-      train_step, graphdef, class_weights=jnp.asarray(class_weights), augment_config=config.augment,
-      loss_config=config.loss), donate_argnums=(0,))
+  step_fn = jax.jit(functools.partial(train_step, graphdef, class_weights=jnp.asarray(class_weights),
+                                      config=config), donate_argnums=(0,))
 
   writer = metric_writers.MetricWriter(workdir)
   loader = pipeline.train_loader(config, train_source, mesh=mesh, start_step=start_step)

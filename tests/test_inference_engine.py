@@ -37,7 +37,8 @@ def tile(tmp_path_factory):
   rec = synthetic.render_tile(5, size=384, num_classes=3)
   Image.fromarray(rec['image']).save(tmp / 'tile.png')
   t = targets.make_targets(rec['instance_map'], rec['instance_classes'], sigma=4.0)
-  return tmp / 'tile.png', {'tile': (np.eye(4, dtype=np.float32)[t['class_map']], t['density'])}
+  return tmp / 'tile.png', {'tile': {'class_probs': np.eye(4, dtype=np.float32)[t['class_map']],
+                                     'density': t['density'][..., None]}}
 
 
 def _outputs(folder: pathlib.Path) -> dict[str, bytes]:
@@ -93,19 +94,24 @@ class _Pixelwise:
     return Pixelwise(nnx.Rngs(seed))
 
 
+def _pd(maps):
+  """DualU-Net maps -> (class_probs [B, H, W, K+1], density [B, H, W])."""
+  return maps['class_probs'], maps['density'][..., 0]
+
+
 def test_tta_views_are_de_augmented_and_ensembles_average():
   rng = np.random.default_rng(0)
   for shape, views in (((2, 24, 24, 3), 8), ((2, 16, 40, 3), 4)):
     images = rng.integers(0, 256, shape, dtype=np.uint8)
     model = _Pixelwise.make(0)
-    p1, d1 = engine.model_predictor([model], probs_dtype='float32')(images)
-    pt, dt = engine.model_predictor([model], tta_views=views, probs_dtype='float32')(images)
+    p1, d1 = _pd(engine.model_predictor([model], probs_dtype='float32')(images))
+    pt, dt = _pd(engine.model_predictor([model], tta_views=views, probs_dtype='float32')(images))
     np.testing.assert_allclose(np.asarray(pt), np.asarray(p1), atol=1e-5)
     np.testing.assert_allclose(np.asarray(dt), np.asarray(d1), atol=1e-5)
     assert np.asarray(p1).shape == shape[:3] + (4,) and np.asarray(d1).shape == shape[:3]
   other = _Pixelwise.make(1)
-  p2, d2 = engine.model_predictor([other], probs_dtype='float32')(images)
-  pe, de = engine.model_predictor([model, other], probs_dtype='float32')(images)
+  p2, d2 = _pd(engine.model_predictor([other], probs_dtype='float32')(images))
+  pe, de = _pd(engine.model_predictor([model, other], probs_dtype='float32')(images))
   np.testing.assert_allclose(np.asarray(pe), (np.asarray(p1) + np.asarray(p2)) / 2, atol=1e-5)
   np.testing.assert_allclose(np.asarray(de), (np.asarray(d1) + np.asarray(d2)) / 2, atol=1e-5)
   with pytest.raises(ValueError, match='tta_views'):
@@ -126,10 +132,10 @@ def test_predictor_splits_batches_over_devices():
   one = engine.model_predictor([model], probs_dtype='float32', devices=jax.local_devices()[:1])
   four = engine.model_predictor([model], probs_dtype='float32')
   assert (one.num_devices, four.num_devices) == (1, 4)
-  assert len(four(images)[0].sharding.device_set) == 4  # a full batch: one tile per device
+  assert len(four(images)['class_probs'].sharding.device_set) == 4  # a full batch: one tile per device
   images = images[:3]
-  p1, d1 = one(images)
-  p4, d4 = four(images)  # 3 tiles over 4 devices: one padded copy, cut off again
+  p1, d1 = _pd(one(images))
+  p4, d4 = _pd(four(images))  # 3 tiles over 4 devices: one padded copy, cut off again
   assert p4.shape == (3, 64, 64, 4) and d4.shape == (3, 64, 64)
   # Per-device batches of 1 vs 3 run different XLA convolution kernels (summation order): float32 rounding,
   # amplified by random untrained weights, moves probabilities by ~2e-4.
@@ -141,7 +147,7 @@ def test_predictor_splits_batches_over_devices():
 def _background(images):
   probs = np.zeros(images.shape[:3] + (4,), np.float32)
   probs[..., 0] = 1
-  return probs, np.zeros(images.shape[:3], np.float32)
+  return {'class_probs': probs, 'density': np.zeros(images.shape[:3] + (1,), np.float32)}
 
 
 def test_bad_inputs_give_one_clear_message(tmp_path):

@@ -67,7 +67,8 @@ def run(tmp_path_factory):
   rec = synthetic.render_tile(11, size=256, num_classes=3)
   Image.fromarray(rec['image']).resize((512, 512), Image.BILINEAR).save(tmp / 'tile.png')
   t = targets.make_targets(rec['instance_map'], rec['instance_classes'], sigma=4.0)
-  oracle = inference.MapsPredictor({'tile': (np.eye(4, dtype=np.float32)[t['class_map']], t['density'])})
+  oracle = inference.MapsPredictor({'tile': {'class_probs': np.eye(4, dtype=np.float32)[t['class_map']],
+                                            'density': t['density'][..., None]}})
   opt = inference.Options(model_mpp=0.5, class_names=CLASS_NAMES, tile_size=128, overlap=32, batch_size=4,
                           workers=1, progress=False, formats=inference.FORMATS)
   summary = inference.predict([inference.InputSpec(tmp / 'tile.png', mpp=0.25)], oracle, tmp / 'out', opt)[0]

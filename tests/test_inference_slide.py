@@ -53,7 +53,7 @@ def _oracle(rec, name: str) -> inference.MapsPredictor:
   y, x = PASTE[0] // 2, PASTE[1] // 2
   cls[y:y + 256, x:x + 256] = t['class_map']
   dens[y:y + 256, x:x + 256] = t['density']
-  return inference.MapsPredictor({name: (np.eye(4, dtype=np.float32)[cls], dens)})
+  return inference.MapsPredictor({name: {'class_probs': np.eye(4, dtype=np.float32)[cls], 'density': dens[..., None]}})
 
 
 def _options(**kw) -> inference.Options:

@@ -72,7 +72,7 @@ def test_tiled_matches_whole_image_on_real_consep(consep_official, tmp_path):
   rec = consep.read_tile(image, consep_official / 'Test' / 'Labels' / 'test_1.mat')
   t = targets.make_targets(rec['instance_map'], rec['instance_classes'], sigma=5.0)
   probs = np.eye(5, dtype=np.float32)[t['class_map']]
-  oracle = inference.MapsPredictor({'test_1': (probs, t['density'])})
+  oracle = inference.MapsPredictor({'test_1': {'class_probs': probs, 'density': t['density'][..., None]}})
   results = {}
   for name, tile_size in (('tiled', 256), ('whole', 1024)):
     opt = inference.Options(model_mpp=0.25, class_names=consep.CLASS_NAMES, tile_size=tile_size, overlap=64,

@@ -57,7 +57,7 @@ def test_notebook_structure():
   cells = code_cells(NOTEBOOK)
   assert sum('parameters' in tags for tags, _ in cells) == 1
   text = '\n'.join(src for _, src in cells)
-  for needle in ('dualunet_jax.train', 'configs/demo.py', 'dualunet_jax.predict', '_overlay.png'):
+  for needle in ('dualunet_jax.train', 'configs/demo.py', 'dualunet_jax.predict', '_overlay.png', 'Segmenter'):
     assert needle in text
 
 
@@ -83,3 +83,4 @@ def test_notebook_trains_then_predicts(notebook_env):
                        '--config.eval.max_val_images=2', '--config.train.steps_per_epoch=2',
                        '--config.train.epochs=1', '--config.train.eval_every_epochs=1']})
   assert ns['overlay'].size == (160, 160)
+  assert ns['result'].instance_map.shape == (160, 160)  # the in-memory Segmenter cell

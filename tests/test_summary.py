@@ -31,9 +31,10 @@ def test_cli_json_last_line_has_params_and_gflops():
 
 
 def test_summarize_and_table_in_process():
-  config = ml_collections.ConfigDict({'encoder': 'convnext_tiny', 'width_multiplier': 0.125,
-                                      'dtype': 'bfloat16'})
+  config = ml_collections.ConfigDict({'model': {'encoder': 'convnext_tiny', 'width_multiplier': 0.125,
+                                                'dtype': 'bfloat16'}})
   result = summary.summarize(config, 2, sizes=(64,))
+  assert result['method'] == 'dualunet'
   assert set(result['params_per_part']) == {'encoder', 'class_decoder', 'density_decoder', 'class_head',
                                              'density_head', 'total'}
   assert result['gflops_64'] > 0
@@ -42,11 +43,10 @@ def test_summarize_and_table_in_process():
 
 
 def test_table_flags_a_regrouped_resnext():
-  config = ml_collections.ConfigDict({'encoder': 'resnext50_32x4d', 'width_multiplier': 0.125,
-                                      'dtype': 'float32', 'cardinality': 1})
-  dense = summary.summarize(config, 3, sizes=(64,))
-  grouped = summary.summarize(ml_collections.ConfigDict(dict(config, cardinality=32)), 3, sizes=(64,))
-  assert dense['cardinality'] == 1 and dense['params'] > grouped['params']
+  model = {'encoder': 'resnext50_32x4d', 'width_multiplier': 0.125, 'dtype': 'float32', 'cardinality': 1}
+  dense = summary.summarize(ml_collections.ConfigDict({'model': model}), 3, sizes=(64,))
+  grouped = summary.summarize(ml_collections.ConfigDict({'model': dict(model, cardinality=32)}), 3, sizes=(64,))
+  assert dense['params'] > grouped['params']
   assert dense['gflops_64'] > grouped['gflops_64']
   assert 'not the reference architecture' in summary.format_table(dense)
   assert 'not the reference architecture' not in summary.format_table(grouped)

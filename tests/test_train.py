@@ -121,7 +121,7 @@ def test_one_device_step_equals_four_device_step(data_dir):
     graphdef, state = nnx.split((model, optimizer))
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     step = jax.jit(functools.partial(trainer.train_step, graphdef, class_weights=jnp.full((4,), 0.25),
-                                     augment_config=config.augment, loss_config=config.loss))
+                                     config=config))
     batch = next(pipeline.train_loader(config, source, mesh=mesh))
     assert len(batch['image'].sharding.device_set) == n
     new_state, metrics = step(state, batch, jax.random.key(0))

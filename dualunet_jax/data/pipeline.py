@@ -35,7 +35,6 @@ from dualunet_jax.data import schema, targets
 
 Record = Mapping[str, Any]
 Batch = dict[str, np.ndarray]
-_TRAIN_KEYS = ('image', 'class_map', 'density', 'instance_map')
 
 
 class PipelineError(ValueError):
@@ -114,24 +113,25 @@ def resize_map(labels: np.ndarray, size: tuple[int, int], rows: slice = slice(No
 
 # ---------------------------------------------------------------------------------------------- transforms
 def _relabel_targets(instance_map: np.ndarray, instance_classes: np.ndarray, config: Any) -> Batch:
-  """Relabels the (cropped) instance map to 1..M and renders its targets (centroids of the visible parts).
+  """Relabels the (cropped) instance map to 1..M and renders the method's targets (`Method.make_targets`:
+  centroids etc. of the visible parts).
 
   Unlabelled nuclei (class 0, e.g. Lizard ids missing from the table): with K = 1 they are class 1; with K > 1
-  they keep their density peak and instance but get class 0 in the class map (the loss has no ignore label;
-  evaluation reads class 0 from the class map as "unlabelled", ignored by class metrics).
+  they keep their instance (and their density peak / HV vectors) but get class 0 in the class map (the loss has
+  no ignore label; evaluation reads class 0 from the class map as "unlabelled", ignored by class metrics).
   """
+  from dualunet_jax import methods  # pylint: disable=import-outside-toplevel
   inst, old_ids = targets.relabel_contiguous(instance_map)
   classes = np.asarray(instance_classes, np.int32).reshape(-1)[old_ids - 1] if old_ids.size else \
       np.zeros((0,), np.int32)
   num_classes = int(config.dataset.num_classes)
   unlabelled = classes == 0
-  out = targets.make_targets(inst, np.where(unlabelled, 1, classes), sigma=float(config.targets.sigma),
-                             centroid=config.targets.centroid, num_classes=max(num_classes, 1))
-  class_map = out['class_map'].astype(np.int32)
+  out = dict(methods.get(config).make_targets(inst.astype(np.int32), np.where(unlabelled, 1, classes), config))
   if num_classes > 1 and unlabelled.any():
-    class_map[np.concatenate([[False], unlabelled])[inst]] = 0
-  return {'class_map': class_map, 'density': out['density'].astype(np.float32),
-          'instance_map': inst.astype(np.int32)}
+    out['class_map'] = out['class_map'].copy()
+    out['class_map'][np.concatenate([[False], unlabelled])[inst]] = 0
+  out['instance_map'] = inst.astype(np.int32)
+  return out
 
 
 def _pad_to(x: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
@@ -153,8 +153,8 @@ class TrainTransform:
   type-aware sampling), so rare classes are seen about as often as frequent ones.
 
   Returns:
-    {'image': uint8[c, c, 3], 'class_map': int32[c, c], 'density': float32[c, c], 'instance_map': int32[c, c]}
-    (c = crop side; with crop_size 0 the (resized) tile shape).
+    {'image': uint8[c, c, 3], 'class_map': int32[c, c], 'instance_map': int32[c, c], and the method's targets,
+    e.g. DualU-Net's 'density': float32[c, c]} (c = crop side; with crop_size 0 the (resized) tile shape).
   """
 
   def __init__(self, config: Any):

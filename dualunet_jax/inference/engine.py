@@ -8,10 +8,13 @@ Pipeline (one call of `predict` over any number of inputs):
                      finished grid rows as shards, export finished inputs
   worker processes   `tiling.tile_instances`: post-processing + ownership filter + contours per tile
 
-The "model" is any callable `predictor(images uint8[B, h, w, 3]) -> (class_probs float[B, h, w, K+1], density
-float[B, h, w])` (numpy or jax arrays); `model_predictor` builds one from Flax models with test-time
-augmentation and checkpoint ensembles. A predictor with attribute `needs_windows = True` is called as
-`predictor(images, windows=[Window, ...])` (used by the oracle in tests, which crops ground-truth maps).
+The "model" is any callable `predictor(images uint8[B, h + 2m, w + 2m, 3]) -> {name: float[B, h, w, C]}` (the
+method's maps, numpy or jax arrays, always with 'class_probs' [B, h, w, K+1]); `m = predictor.margin` (default
+0) is the context a valid-convolution model consumes on each side, read from the slide around each tile.
+`model_predictor` builds one from Flax models of one method with test-time augmentation and checkpoint
+ensembles. A predictor with attribute `needs_windows = True` is called as `predictor(images,
+windows=[Window, ...])` (used by the oracle in tests, which crops ground-truth maps). The maps of each tile go
+to the method's post-processing (`Options.postprocess_fn`) in the worker processes.
 
 Resume: every finished grid row of an input is a shard in `<output>/.dualunet_work/<name>/` listed in a
 manifest; a rerun with the same settings skips finished rows (and finished inputs) and numbers nuclei
@@ -80,7 +83,9 @@ class Options:
     tissue: 'auto' (slides only) | 'on' | 'off': skip tiles without tissue on a thumbnail.
     workers: post-processing processes; 0 = os.cpu_count(); 1 = in the main thread (no overlap).
     prefetch: batches read ahead by the reader thread.
-    postprocess: `dualunet_jax.postprocess.postprocess` options.
+    postprocess: keyword options of `postprocess_fn`.
+    postprocess_fn: the method's post-processing (`Method.postprocess_fn`; default DualU-Net's), a top-level
+      JAX-free function of one tile's maps, pickled by reference into the workers.
     predictor_id: identifies the model/TTA for the resume signature.
     keep_work: keep the row shards after export (the manifest is always kept, to skip finished inputs).
     progress: show a tqdm bar (tiles, tiles/s, ETA).
@@ -97,6 +102,7 @@ class Options:
   workers: int = 0
   prefetch: int = 2
   postprocess: dict = dataclasses.field(default_factory=dict)
+  postprocess_fn: Callable[..., Any] | None = None
   predictor_id: str = ''
   keep_work: bool = False
   progress: bool = True
@@ -177,6 +183,9 @@ class _Engine:
     self.rows_saved = 0
     self.want_masks = 'maps' in options.formats
     self.needs_windows = bool(getattr(predictor, 'needs_windows', False))
+    self.margin = int(getattr(predictor, 'margin', 0) or 0)
+    from dualunet_jax import postprocess as postprocess_lib  # pylint: disable=import-outside-toplevel
+    self.postprocess_fn = options.postprocess_fn or postprocess_lib.postprocess_maps
     self.summaries: list[dict] = []
 
   # ------------------------------------------------------------------ reader side
@@ -196,6 +205,7 @@ class _Engine:
           'input': str(spec.path.resolve()), 'bytes': stat.st_size, 'mtime_ns': stat.st_mtime_ns,
           'mpp': mpp, 'model_mpp': opt.model_mpp, 'tile_size': opt.tile_size, 'overlap': opt.overlap,
           'tissue': use_tissue, 'predictor': opt.predictor_id, 'postprocess': opt.postprocess,
+          'postprocess_fn': _qualified_name(self.postprocess_fn),
           'masks': self.want_masks, 'tiles': len(tiles),
       }
       store = exporters.ShardStore(self.out_dir / WORK_DIR / name)
@@ -227,8 +237,9 @@ class _Engine:
         job = self.prepare(spec, name)
         if not put(('job', job)):
           return
+        m = self.margin  # context a valid-convolution model consumes around the tile
         for tile in job.todo:
-          image = job.view.read(tile.y0, tile.x0, tile.height, tile.width)
+          image = job.view.read(tile.y0 - m, tile.x0 - m, tile.height + 2 * m, tile.width + 2 * m)
           if not put(('tile', job, tile, image)):
             return
       put(('end',))
@@ -313,13 +324,14 @@ class _Engine:
     return [(j, t) for j, t, _ in batch], outputs
 
   def _collect(self, inflight) -> None:
-    items, (probs, density) = inflight
-    probs, density = np.asarray(probs), np.asarray(density)  # waits for the device
-    if probs.dtype not in (np.float16, np.float32):
-      probs = probs.astype(np.float32)
+    items, outputs = inflight
+    maps = {name: np.asarray(value) for name, value in outputs.items()}  # waits for the device
+    for name, value in maps.items():
+      if value.dtype not in (np.float16, np.float32):
+        maps[name] = value.astype(np.float32)
     for i, (job, tile) in enumerate(items):
-      args = (probs[i], density[i].astype(np.float32, copy=False), tile, (job.grid.height, job.grid.width),
-              self.opt.postprocess, self.want_masks)
+      args = ({name: value[i] for name, value in maps.items()}, tile, (job.grid.height, job.grid.width),
+              self.postprocess_fn, self.opt.postprocess, self.want_masks)
       if self.pool is None:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         fut.set_result(tiling.tile_instances(*args))
@@ -441,6 +453,10 @@ def clean_work(output_dir: str | os.PathLike) -> None:
 
 # ----------------------------------------------------------------------------------------------- predictors
 
+def _qualified_name(fn: Any) -> str:
+  return f'{getattr(fn, "__module__", "")}.{getattr(fn, "__qualname__", repr(fn))}'
+
+
 class MapsPredictor:
   """A window-aware "predictor" that crops precomputed full-image maps (model resolution) for each tile.
 
@@ -448,76 +464,83 @@ class MapsPredictor:
   of any model; precomputed model outputs can be re-post-processed the same way.
 
   Args:
-    maps: input name -> (class_probs float[H, W, K+1], density float[H, W]) at model resolution. Outside the
-      image the probabilities are background (channel 0 = 1) and the density 0.
+    maps: input name -> {map name: float[H, W, C]} at model resolution (a method's maps, with 'class_probs').
+      Outside the image the class probabilities are background (channel 0 = 1) and every other map 0.
   """
   needs_windows = True
 
-  def __init__(self, maps: dict[str, tuple[np.ndarray, np.ndarray]]):
+  def __init__(self, maps: dict[str, dict[str, np.ndarray]]):
     self.maps = maps
 
-  def __call__(self, images: np.ndarray, windows: Sequence[Window]) -> tuple[np.ndarray, np.ndarray]:
-    probs, dens = [], []
+  def __call__(self, images: np.ndarray, windows: Sequence[Window]) -> dict[str, np.ndarray]:
+    out: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     for w in windows:
-      p, d = self.maps[w.name]
-      cp = tiling.crop_padded(np.asarray(p, np.float32), w.y0, w.x0, w.height, w.width, 0)
-      cp[..., 0] += cp.sum(-1) == 0
-      probs.append(cp)
-      dens.append(tiling.crop_padded(np.asarray(d, np.float32), w.y0, w.x0, w.height, w.width, 0))
-    return np.stack(probs), np.stack(dens)
+      for name, value in self.maps[w.name].items():
+        crop = tiling.crop_padded(np.asarray(value, np.float32), w.y0, w.x0, w.height, w.width, 0)
+        if name == 'class_probs':
+          crop[..., 0] += crop.sum(-1) == 0
+        out[name].append(crop)
+    return {name: np.stack(values) for name, values in out.items()}
 
 
 # D4 views as (rot90 k, horizontal flip); the first four keep non-square shapes.
 VIEWS = ((0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True))
 
 
-def model_predictor(models: Sequence[Any], *, tta_views: int = 1, probs_dtype: str = 'float16',
+def model_predictor(models: Sequence[Any], *, method: Any = None, tta_views: int = 1, probs_dtype: str = 'float16',
                     devices: Sequence[Any] | None = None) -> Predictor:
-  """A jitted predictor averaging softmax probabilities and densities over TTA views and models.
+  """A jitted predictor averaging a method's maps over TTA views and models.
 
   Data parallel over `devices` (default: all local devices): the parameters are replicated, each batch is
   split over the devices (padded with copies of its last tile to a multiple of their count; the padding is
-  cut from the outputs). `predictor.num_devices` tells callers how many tiles a batch needs to fill them.
+  cut from the outputs). `predictor.num_devices` tells callers how many tiles a batch needs to fill them;
+  `predictor.margin` is the context (px per side) the largest-margin model consumes: the engine reads it
+  around every tile, and models with a smaller margin see the input cropped to theirs.
 
   Args:
-    models: Flax NNX `DualUNet`s in eval mode (a checkpoint ensemble: same K).
-    tta_views: 1 (none), 2, 4 (flips / rot180: any shape) or 8 (all flips and rot90s); each view is
-      de-augmented before averaging.
-    probs_dtype: dtype of the returned probabilities ('float16' halves device->host and IPC traffic).
+    models: Flax NNX models of `method` in eval mode (a checkpoint ensemble: same K; encoders may differ).
+    method: a `methods.Method` (default DualU-Net).
+    tta_views: 1 (none), 2, 4 (flips / rot180: any shape) or 8 (all flips and rot90s); each view is undone
+      before averaging, vector maps (HV) rotated back with `methods.base.undo_view`.
+    probs_dtype: dtype of the returned class probabilities ('float16' halves device->host and IPC traffic);
+      every other map is float32.
     devices: the devices to run on (default `jax.local_devices()`).
   Returns:
-    `predictor(images uint8[B, h, w, 3]) -> (class_probs [B, h, w, K+1], density float32[B, h, w])`, jax
-    arrays (asynchronous).
+    `predictor(images uint8[B, h + 2m, w + 2m, 3]) -> {name: [B, h, w, C]}`, jax arrays (asynchronous).
   """
   import jax
   import jax.numpy as jnp
   from flax import nnx
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from dualunet_jax import methods as methods_lib
+  from dualunet_jax.methods import base
   if tta_views not in (1, 2, 4, 8):
     raise ValueError(f'tta_views must be 1, 2, 4 or 8, got {tta_views}')
+  method = method or methods_lib.get(methods_lib.DEFAULT)
   mesh = Mesh(np.asarray(list(devices) if devices is not None else jax.local_devices()), ('data',))
   splits = [nnx.split(m) for m in models]
   graphdefs = [g for g, _ in splits]
+  margins = [base.margin_of(m) for m in models]
+  margin = max(margins)
   states = jax.device_put([s for _, s in splits], NamedSharding(mesh, PartitionSpec()))
   batch_sharding = NamedSharding(mesh, PartitionSpec('data'))
   views = VIEWS[:tta_views]
   out_dtype = jnp.dtype(probs_dtype)
 
   def forward(states, images):
-    probs_sum, dens_sum = 0.0, 0.0
-    for graphdef, state in zip(graphdefs, states):
+    sums: dict[str, Any] = {}
+    for graphdef, state, m in zip(graphdefs, states, margins):
       model = nnx.merge(graphdef, state)
+      x0 = base.center_crop(images, margin - m)
       for k, flip in views:
-        x = jnp.rot90(images, k, axes=(1, 2))
+        x = jnp.rot90(x0, k, axes=(1, 2))
         x = x[:, :, ::-1] if flip else x
-        logits, density = model(x)
-        both = jnp.concatenate([jax.nn.softmax(logits, axis=-1), density[..., None]], axis=-1)
-        both = both[:, :, ::-1] if flip else both
-        both = jnp.rot90(both, -k, axes=(1, 2))
-        probs_sum = probs_sum + both[..., :-1]
-        dens_sum = dens_sum + both[..., -1]
+        for name, value in method.maps(model(x)).items():
+          value = base.undo_view(value.astype(jnp.float32), method.map_kinds[name], k, flip)
+          sums[name] = sums[name] + value if name in sums else value
     n = len(graphdefs) * len(views)
-    return (probs_sum / n).astype(out_dtype), dens_sum / n
+    return {name: (value / n).astype(out_dtype if name == 'class_probs' else jnp.float32)
+            for name, value in sums.items()}
 
   jitted = jax.jit(forward)
 
@@ -527,21 +550,22 @@ def model_predictor(models: Sequence[Any], *, tta_views: int = 1, probs_dtype: s
     pad = -n % mesh.size
     if pad:  # eval-mode models treat tiles independently: the copies change nothing but the work done
       images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
-    probs, density = jitted(states, jax.device_put(images, batch_sharding))
-    return (probs[:n], density[:n]) if pad else (probs, density)
+    maps = jitted(states, jax.device_put(images, batch_sharding))
+    return {name: value[:n] for name, value in maps.items()} if pad else maps
 
   predictor.num_devices = mesh.size
+  predictor.margin = margin
   return predictor
 
 
 def checkpoint_predictor(checkpoints: Sequence[str | os.PathLike], *, which: str | int = 'best',
                          tta_views: int = 1) -> tuple[Predictor, Any, str]:
-  """Restores checkpoints (workdirs or step folders) into one ensemble predictor.
+  """Restores checkpoints (workdirs or step folders) of one method into one ensemble predictor.
 
   Returns:
     (predictor, config of the first checkpoint, identity string for resume signatures).
   """
-  from dualunet_jax import checkpointing
+  from dualunet_jax import checkpointing, methods
   models, configs = [], []
   for path in checkpoints:
     model, config = checkpointing.restore_for_inference(path, which)
@@ -549,13 +573,14 @@ def checkpoint_predictor(checkpoints: Sequence[str | os.PathLike], *, which: str
     configs.append(config)
   first = configs[0]
   for path, config in zip(checkpoints[1:], configs[1:]):
-    if config.dataset.num_classes != first.dataset.num_classes or config.dataset.mpp != first.dataset.mpp:
-      raise ValueError(f'{path}: cannot ensemble with {checkpoints[0]}: num_classes/mpp '
-                       f'{config.dataset.num_classes}/{config.dataset.mpp} vs '
-                       f'{first.dataset.num_classes}/{first.dataset.mpp}')
+    if (config.dataset.num_classes != first.dataset.num_classes or config.dataset.mpp != first.dataset.mpp
+        or methods.method_name(config) != methods.method_name(first)):
+      raise ValueError(f'{path}: cannot ensemble with {checkpoints[0]}: method/num_classes/mpp '
+                       f'{methods.method_name(config)}/{config.dataset.num_classes}/{config.dataset.mpp} vs '
+                       f'{methods.method_name(first)}/{first.dataset.num_classes}/{first.dataset.mpp}')
   identity = json.dumps({'checkpoints': [str(pathlib.Path(p).resolve()) for p in checkpoints],
                          'which': str(which), 'tta_views': tta_views})
-  return model_predictor(models, tta_views=tta_views), first, identity
+  return model_predictor(models, method=methods.get(first), tta_views=tta_views), first, identity
 
 
 def expand_inputs(entries: list[str], mpps: list[str]) -> list:

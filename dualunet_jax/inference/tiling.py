@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
@@ -146,23 +147,26 @@ def crop_padded(array: np.ndarray, y0: int, x0: int, height: int, width: int, fi
 #   cls         int32[M]     class 1..K
 #   area        int32[M]     pixels (inside the image)
 #   prob        float32[M]   mean probability of the assigned class over the nucleus
+#   class_probs float32[M, K+1] mean class probabilities over the nucleus (channel 0 background)
 #   bbox        int32[M, 4]  y0, x0, y1, x1 (clipped to the image)
 #   poly        float32[P, 2] concatenated closed contours (x, y), continuous coordinates
 #   poly_len    int32[M]     vertices per contour
 #   mask        uint8[Q]     concatenated np.packbits of each bbox mask (only with want_masks)
 #   mask_len    int32[M]     bytes per mask
-RESULT_KEYS = ('y', 'x', 'cls', 'area', 'prob', 'bbox', 'poly', 'poly_len', 'mask', 'mask_len')
+RESULT_KEYS = ('y', 'x', 'cls', 'area', 'prob', 'class_probs', 'bbox', 'poly', 'poly_len', 'mask', 'mask_len')
 
 
 def empty_result() -> dict[str, np.ndarray]:
   return {'y': np.zeros(0), 'x': np.zeros(0), 'cls': np.zeros(0, np.int32), 'area': np.zeros(0, np.int32),
-          'prob': np.zeros(0, np.float32), 'bbox': np.zeros((0, 4), np.int32),
+          'prob': np.zeros(0, np.float32), 'class_probs': np.zeros((0, 0), np.float32),
+          'bbox': np.zeros((0, 4), np.int32),
           'poly': np.zeros((0, 2), np.float32), 'poly_len': np.zeros(0, np.int32),
           'mask': np.zeros(0, np.uint8), 'mask_len': np.zeros(0, np.int32)}
 
 
 def concat_results(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  results = list(results) or [empty_result()]
+  # Empty results carry no class count (class_probs is [0, 0]): leave them out of a non-empty concatenation.
+  results = [r for r in results if len(r['y'])] or [empty_result()]
   return {k: np.concatenate([r[k] for r in results]) for k in RESULT_KEYS}
 
 
@@ -203,27 +207,26 @@ def warm_up() -> None:
   import dualunet_jax.postprocess  # noqa: F401
 
 
-def tile_instances(class_probs: np.ndarray, density: np.ndarray, tile: Tile, image_hw: tuple[int, int],
+def tile_instances(maps: dict[str, np.ndarray], tile: Tile, image_hw: tuple[int, int], postprocess_fn: Any,
                    postprocess_kwargs: dict, want_masks: bool = False) -> dict[str, np.ndarray]:
   """Post-processes one tile and keeps the nuclei it owns (centroid in its core), in global coordinates.
 
   Runs in a worker process (picklable arguments, numpy only).
 
   Args:
-    class_probs: float16/float32[h, w, K+1] per-pixel class probabilities of the tile.
-    density: float32[h, w].
+    maps: the method's maps of the tile, {name: float16/float32[h, w, C]} with 'class_probs' [h, w, K+1].
     tile: the tile's geometry.
     image_hw: (H, W) of the whole image (model-res), to clip nuclei reaching outside it.
-    postprocess_kwargs: `dualunet_jax.postprocess.postprocess` options.
+    postprocess_fn: the method's post-processing (`Method.postprocess_fn`), `fn(maps, **kwargs) -> Instances`.
+    postprocess_kwargs: its options.
     want_masks: also return packed bbox masks (for instance/class maps).
   Returns:
     dict of `RESULT_KEYS` arrays; nuclei in the order of the tile's instance labels.
   """
   import scipy.ndimage as ndi
-  from dualunet_jax.postprocess import postprocess
-  probs = np.asarray(class_probs, np.float32)
-  density = np.asarray(density, np.float32)
-  inst = postprocess(probs, density, **postprocess_kwargs)
+  maps = {name: np.asarray(value, np.float32) for name, value in maps.items()}
+  probs = maps['class_probs']
+  inst = postprocess_fn(maps, **postprocess_kwargs)
   if inst.num_instances == 0:
     return empty_result()
   gy = inst.centroids[:, 0].astype(np.float64) + tile.y0 + 0.5  # centre-of-mass index -> continuous
@@ -249,7 +252,9 @@ def tile_instances(class_probs: np.ndarray, density: np.ndarray, tile: Tile, ima
     out['x'].append(gx[i])
     out['cls'].append(cls)
     out['area'].append(area)
-    out['prob'].append(float(probs[ly0:ly1, lx0:lx1][mask, cls].mean()))
+    mean_probs = probs[ly0:ly1, lx0:lx1][mask].mean(axis=0)
+    out['prob'].append(float(mean_probs[cls]))
+    out['class_probs'].append(mean_probs)
     out['bbox'].append((ly0 + tile.y0, lx0 + tile.x0, ly1 + tile.y0, lx1 + tile.x0))
     out['poly'].append(ring)
     out['poly_len'].append(len(ring))
@@ -263,7 +268,9 @@ def tile_instances(class_probs: np.ndarray, density: np.ndarray, tile: Tile, ima
     return empty_result()
   return {'y': np.asarray(out['y'], np.float64), 'x': np.asarray(out['x'], np.float64),
           'cls': np.asarray(out['cls'], np.int32), 'area': np.asarray(out['area'], np.int32),
-          'prob': np.asarray(out['prob'], np.float32), 'bbox': np.asarray(out['bbox'], np.int32).reshape(-1, 4),
+          'prob': np.asarray(out['prob'], np.float32),
+          'class_probs': np.asarray(out['class_probs'], np.float32).reshape(len(out['y']), probs.shape[-1]),
+          'bbox': np.asarray(out['bbox'], np.int32).reshape(-1, 4),
           'poly': np.concatenate(out['poly']).astype(np.float32),
           'poly_len': np.asarray(out['poly_len'], np.int32),
           'mask': np.concatenate(out['mask']) if out['mask'] else np.zeros(0, np.uint8),

@@ -110,6 +110,10 @@ class Method(abc.ABC):
     counts['total'] = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return counts
 
+  def summary_notes(self, config: Any, model: nnx.Module, counts: Mapping[str, int]) -> list[str]:
+    """Lines `summary` prints under the table (e.g. the published size of this architecture)."""
+    return []
+
   def encoder_init(self, model: nnx.Module, path: str) -> None:
     """Loads ImageNet weights from `path` into the encoder (config.model.encoder_init)."""
     raise NotImplementedError(f'{self.name}: loading encoder weights is not supported')

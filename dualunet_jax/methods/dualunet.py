@@ -16,6 +16,12 @@ from flax import nnx
 from dualunet_jax import losses, models
 from dualunet_jax import postprocess as postprocess_lib
 from dualunet_jax.methods import base
+from dualunet_jax.models import resnext
+
+PAPER_TABLE2 = {  # encoder -> (params M, "GLOPs" at 256^2, at 1024^2), MIDL 2025 paper Table 2.
+    'resnext50_32x4d': (41.01, 16.26, 260.23),
+    'convnext_base': (97.81, 26.78, 428.49),
+}
 
 
 class DualUNetMethod(base.Method):
@@ -29,6 +35,18 @@ class DualUNetMethod(base.Method):
 
   def parameter_counts(self, model: nnx.Module) -> dict[str, int]:
     return models.parameter_counts(model)
+
+  def summary_notes(self, config: Any, model: nnx.Module, counts) -> list[str]:
+    notes = []
+    regrouped = model.encoder_name.startswith('resnext') and model.cardinality != resnext.CARDINALITY
+    if regrouped:
+      notes.append(f'ResNeXt 3x3 convolutions in {model.cardinality} group(s), not {resnext.CARDINALITY}: not '
+                   'the reference architecture')
+    paper = PAPER_TABLE2.get(model.encoder_name)
+    if paper and model.width_multiplier == 1.0 and not regrouped:
+      notes.append(f'Paper Table 2 ({model.encoder_name}): {paper[0]:.2f} M params, {paper[1]:.2f} "GLOPs" at '
+                   f'256x256, {paper[2]:.2f} at 1024x1024.')
+    return notes
 
   def encoder_init(self, model: nnx.Module, path: str) -> None:
     from dualunet_jax import convert  # torch / safetensors readers only when asked for
