@@ -84,8 +84,9 @@ def _level(description, fn, *args) -> StressLevel:
   return StressLevel(description, lambda image: fn(image, *args))
 
 
-# Graded levels. Densities x1.3 / x1.7 / x2.2 take CoNSeP Test's mean tissue L* from ~70 to ~63 / ~55 / ~47
-# (the darker lab of the issue measured L* 51); the README lists each level's measured L*.
+# Graded levels. Densities x1.3 / x1.7 / x2.2 take CoNSeP Test's mean tissue L* from 69 to 64 / 57 / 51, as
+# dark as the darkest outside set we scored; the README lists every level's measured L*
+# (`python benchmarks/stain_coverage.py`).
 STRESS_LEVELS: dict[str, StressLevel] = {
     'clean': StressLevel('unperturbed', lambda image: image),
     'darker_1': _level('optical density x1.3', scale_density, 1.3),
