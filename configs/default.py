@@ -70,9 +70,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment = ml_collections.ConfigDict()
   config.augment.flips = True
   config.augment.rot90 = True
-  config.augment.hed_scale = 0.02  # HED channel scale ~ U(1 - s, 1 + s)
-  config.augment.hed_shift = 0.02  # HED channel shift ~ U(-s, s)
-  config.augment.color_jitter = 0.0  # brightness/contrast/saturation strength (0 = off)
+  # Colour (stain) augmentation: a preset, 'paper' (HED scale U(0.98, 1.02), shift U(-0.02, 0.02)) | 'strong'
+  # (inter-lab variation: wide HED, stain mixing, gamma, brightness/contrast, saturation/hue) | 'none' |
+  # 'custom' (the fields below alone); values in augment.STAIN_PRESETS. A field below that is set (not None)
+  # overrides the preset's value, e.g. --config.augment.stain_preset=strong --config.augment.gamma=0.6.
+  config.augment.stain_preset = 'paper'
+  float_or_none = lambda: ml_collections.config_dict.placeholder(float)  # None, overridable by a float flag
+  config.augment.hed_scale = float_or_none()  # HED concentrations * U(1 - s, 1 + s)
+  config.augment.hed_shift = float_or_none()  # HED concentrations + U(-s, s)
+  config.augment.stain_mix = float_or_none()  # H and E stain vectors' RGB components * U(1 - s, 1 + s)
+  config.augment.gamma = float_or_none()  # image ** exp(U(-s, s)): darker / paler staining, white kept
+  config.augment.brightness = float_or_none()  # factor ~ U(1 - s, 1 + s)
+  config.augment.contrast = float_or_none()  # factor ~ U(1 - s, 1 + s) around the mean grey
+  config.augment.saturation = float_or_none()  # chroma factor ~ U(1 - s, 1 + s)
+  config.augment.hue = float_or_none()  # chroma rotation ~ U(-s, s) turns
+  config.augment.color_jitter = float_or_none()  # older combined brightness/contrast/saturation strength
   config.augment.blur_sigma = 0.0  # max Gaussian blur sigma (0 = off)
   config.augment.elastic_alpha = 0.0  # elastic deformation strength in pixels (0 = off)
   config.augment.elastic_sigma = 8.0

@@ -157,3 +157,94 @@ def test_color_jitter_and_blur_in_range():
   assert np.isfinite(img).all() and img.min() >= 0.0 and img.max() <= 1.0
   assert np.abs(img - batch['image'] / 255.0).max() > 0.05
   np.testing.assert_array_equal(out['class_map'], batch['class_map'])
+
+
+# ---------------------------------------------------------------------------------------------- stain presets
+_NEW_OPS = dict(stain_mix=0.3, gamma=0.7, brightness=0.5, contrast=0.5, saturation=0.8, hue=0.5)
+
+
+@pytest.mark.parametrize('op', list(_NEW_OPS) + ['strong'])
+def test_new_colour_ops_keep_targets_and_range(op):
+  batch = _batch(b=4)
+  batch['image'][0, :4, :4] = 0  # black and white pixels: the log/pow/exp paths stay finite
+  batch['image'][0, 4:8, :4] = 255
+  cfg = _config(stain_preset='strong') if op == 'strong' else _config(**{op: _NEW_OPS[op]})
+  out = jax.device_get(augment.augment_batch(jax.random.key(11), batch, cfg))
+  img = out['image']
+  assert img.dtype == np.float32 and np.isfinite(img).all() and img.min() >= 0.0 and img.max() <= 1.0
+  assert np.abs(img - batch['image'] / 255.0).mean() > 0.01, op  # it did something
+  for k in ('class_map', 'density', 'instance_map'):
+    np.testing.assert_array_equal(out[k], batch[k])  # colour never moves or edits targets
+
+
+def test_stain_presets_resolve():
+  paper = augment.resolve_stain_preset({'stain_preset': 'paper'})
+  assert paper == dict(dict.fromkeys(augment.STAIN_FIELDS, 0.0), hed_scale=0.02, hed_shift=0.02)
+  assert augment.resolve_stain_preset({'stain_preset': 'strong'}) == augment.STAIN_PRESETS['strong']
+  assert set(augment.resolve_stain_preset({'stain_preset': 'none'}).values()) == {0.0}
+  # A field that is set overrides the preset; None (an unset placeholder) does not.
+  tweaked = augment.resolve_stain_preset({'stain_preset': 'strong', 'gamma': 0.9, 'hue': None})
+  assert tweaked == dict(augment.STAIN_PRESETS['strong'], gamma=0.9)
+  # Configs without a preset (written before presets, or 'custom') use their fields as they are.
+  legacy = augment.resolve_stain_preset(_config(hed_scale=0.05, color_jitter=0.1))
+  assert legacy == dict(dict.fromkeys(augment.STAIN_FIELDS, 0.0), hed_scale=0.05, color_jitter=0.1)
+  assert augment.resolve_stain_preset({'stain_preset': 'custom', 'gamma': 0.2})['gamma'] == 0.2
+  with pytest.raises(ValueError, match='stain_preset'):
+    augment.resolve_stain_preset({'stain_preset': 'wide'})
+  with pytest.raises(ValueError, match='gamma'):
+    augment.resolve_stain_preset({'stain_preset': 'paper', 'gamma': -0.1})
+  # The reference configs keep the paper's augmentation, also through the command-line placeholders.
+  from configs import consep, default, pannuke
+  for module in (default, consep, pannuke):
+    assert augment.resolve_stain_preset(module.get_config().augment) == paper
+
+
+def test_paper_preset_is_the_papers_hed_jitter_bit_for_bit():
+  batch = _batch(b=3)
+  key = jax.random.key(5)
+  legacy = _config(flips=True, rot90=True, hed_scale=0.02, hed_shift=0.02)  # the pre-preset config fields
+  preset = ml_collections.ConfigDict(dict(flips=True, rot90=True, stain_preset='paper'))
+  np.testing.assert_array_equal(augment.augment_batch(key, batch, preset)['image'],
+                                augment.augment_batch(key, batch, legacy)['image'])
+  # The draws are today's: per-sample key -> 4th of 6 sub-keys -> scale, shift (no flips, to compare pixels).
+  out = np.asarray(augment.augment_batch(key, batch, {'stain_preset': 'paper'})['image'])
+  for i, k in enumerate(jax.random.split(key, 3)):
+    ks, kt = jax.random.split(jax.random.split(k, 6)[3])
+    a = jax.random.uniform(ks, (3,), jnp.float32, 0.98, 1.02)
+    b = jax.random.uniform(kt, (3,), jnp.float32, -0.02, 0.02)
+    expected = augment.hed_to_rgb(augment.rgb_to_hed(batch['image'][i] / np.float32(255)) * a + b)
+    np.testing.assert_allclose(out[i], expected, atol=1e-5)  # jit vs eager: float rounding (another draw: >1e-2)
+
+
+def _tissue_lightness(images: np.ndarray) -> np.ndarray:
+  """Per image: mean tissue L* and L* of the darkest 5 % tissue pixels (the nuclei)."""
+  from dualunet_jax.data import stain
+  rows = []
+  for im in images:
+    lightness = stain.rgb_to_lab(im[stain.tissue_mask(im)])[:, 0]
+    rows.append((lightness.mean(), np.percentile(lightness, 5)))
+  return np.array(rows)
+
+
+def test_strong_covers_a_wider_stain_range_than_paper(fixtures_dir):
+  from PIL import Image
+  images = np.stack([np.asarray(Image.open(fixtures_dir / 'imgs' / f'patch{k}.png').convert('RGB'))
+                     for k in (1, 2, 3)])
+  images = np.repeat(images[:, ::2, ::2], 8, axis=0)  # 24 draws (half resolution: colour only)
+  batch = {'image': images, 'class_map': np.zeros(images.shape[:3], np.int32)}
+  spread = {}
+  for preset in ('paper', 'strong'):
+    out = augment.augment_batch(jax.random.key(0), batch, {'stain_preset': preset})
+    lab = _tissue_lightness(np.rint(np.asarray(out['image']) * 255).astype(np.uint8))
+    spread[preset] = lab.max(0) - lab.min(0)
+  # Measured (key 0): mean L* spread paper 28, strong 47; nuclear (darkest 5 %) L* spread paper 17, strong 43.
+  assert spread['strong'][0] > 1.3 * spread['paper'][0], spread
+  assert spread['strong'][1] > 1.5 * spread['paper'][1], spread
+
+
+def test_strong_preset_jits_and_is_deterministic():
+  batch = _batch(b=2)
+  fn = jax.jit(lambda key, b: augment.augment_batch(key, b, {'stain_preset': 'strong', 'flips': True}))
+  a, b, c = fn(jax.random.key(1), batch), fn(jax.random.key(1), batch), fn(jax.random.key(2), batch)
+  np.testing.assert_array_equal(a['image'], b['image'])
+  assert not np.array_equal(a['image'], c['image'])

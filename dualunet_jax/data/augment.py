@@ -18,6 +18,11 @@ heights change slightly (the map is not re-rendered or re-normalised).
 rot90: `k` in 0..3 for square crops. For non-square crops a quarter turn would change the shape, so only
 k in {0, 2} is drawn there (a half turn; with flips on this adds nothing new, documented rather than raised).
 
+Colour (stain) augmentation: `config.augment.stain_preset` names a set of strengths ('paper': the paper's HED
+jitter only; 'strong': wide HED jitter, stain-vector mixing, gamma, brightness, contrast, saturation and hue,
+for inter-lab variation; 'none'; 'custom': the fields alone), resolved in one place, `resolve_stain_preset`;
+any colour field set in the config overrides its preset value. Colour ops never touch the targets.
+
 All randomness is per sample from `jax.random.split(key, B)`; no Python branching on traced values. Any
 augmentation whose config strength is 0 (or flag False) is skipped at trace time.
 """
@@ -170,6 +175,139 @@ def _color_jitter(key: jax.Array, image: jax.Array, strength: jax.Array) -> jax.
   return jnp.clip(gray + s * (image - gray), 0.0, 1.0)
 
 
+def _hed_mix(key: jax.Array, image: jax.Array, scale: jax.Array, shift: jax.Array, mix: jax.Array) -> jax.Array:
+  """HED jitter (as `_hed_jitter`) recomposed with perturbed stain vectors (stain-vector mixing).
+
+  The image is decomposed with the standard Ruifrok matrix, then rebuilt with H and E vectors whose RGB
+  components are each scaled by U(1 - mix, 1 + mix) and renormalised to unit length: the hue of each stain
+  changes independently (bluish vs purple haematoxylin, pink vs orange eosin), which a per-channel HED scale
+  cannot do. DAB (near zero on H&E) keeps its vector. float32[H, W, 3] in [0, 1] -> same.
+  """
+  ks, kt, km = jax.random.split(key, 3)
+  a = jax.random.uniform(ks, (3,), jnp.float32, 1.0 - scale, 1.0 + scale)
+  b = jax.random.uniform(kt, (3,), jnp.float32, -shift, shift)
+  m = jnp.asarray(RGB_FROM_HED, jnp.float32)
+  noise = jax.random.uniform(km, (2, 3), jnp.float32, 1.0 - mix, 1.0 + mix)
+  he = m[:2] * noise
+  he = he / jnp.linalg.norm(he, axis=1, keepdims=True) * jnp.linalg.norm(m[:2], axis=1, keepdims=True)
+  m = jnp.concatenate([he, m[2:]], axis=0)
+  log_rgb = ((rgb_to_hed(image) * a + b) * _LOG_ADJUST) @ m
+  return jnp.clip(jnp.exp(log_rgb), 0.0, 1.0)
+
+
+def _gamma(key: jax.Array, image: jax.Array, strength: jax.Array) -> jax.Array:
+  """image ** g, log g ~ U(-s, s). Scales every pixel's optical density by g: darker or paler staining with
+  white staying white (a global OD scale, unlike brightness, which also greys the glass)."""
+  g = jnp.exp(jax.random.uniform(key, (), jnp.float32, -strength, strength))
+  return jnp.power(jnp.maximum(image, 1e-6), g)
+
+
+def _brightness(key: jax.Array, image: jax.Array, strength: jax.Array) -> jax.Array:
+  """image * f, f ~ U(1 - s, 1 + s) (scanner exposure / white balance level)."""
+  f = jax.random.uniform(key, (), jnp.float32, jnp.maximum(0.0, 1.0 - strength), 1.0 + strength)
+  return jnp.clip(image * f, 0.0, 1.0)
+
+
+def _contrast(key: jax.Array, image: jax.Array, strength: jax.Array) -> jax.Array:
+  """Blend with the image's mean grey: mean + c * (image - mean), c ~ U(1 - s, 1 + s)."""
+  c = jax.random.uniform(key, (), jnp.float32, jnp.maximum(0.0, 1.0 - strength), 1.0 + strength)
+  mean = jnp.mean(_grayscale(image))
+  return jnp.clip(mean + c * (image - mean), 0.0, 1.0)
+
+
+# RGB <-> YIQ (NTSC): luma Y plus a chroma plane (I, Q) in which saturation is a radial scale and hue a rotation.
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263],
+                        [0.211456, -0.522591, 0.311135]], np.float64)
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+
+def _saturation_hue(key: jax.Array, image: jax.Array, saturation: jax.Array, hue: jax.Array,
+                    ops: tuple[str, ...]) -> jax.Array:
+  """Chroma scaled by U(1 - saturation, 1 + saturation) and rotated by U(-hue, hue) turns, luma kept.
+
+  One 3x3 matrix per sample (YIQ -> scale/rotate the IQ plane -> RGB), so both cost one matmul.
+  """
+  kss, kh = jax.random.split(key)
+  s = jax.random.uniform(kss, (), jnp.float32, jnp.maximum(0.0, 1.0 - saturation), 1.0 + saturation) \
+      if 'saturation' in ops else jnp.float32(1.0)
+  theta = 2 * jnp.pi * jax.random.uniform(kh, (), jnp.float32, -hue, hue) if 'hue' in ops else jnp.float32(0.0)
+  cos, sin = s * jnp.cos(theta), s * jnp.sin(theta)
+  chroma = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], jnp.float32)
+  chroma = chroma.at[1, 1].set(cos).at[1, 2].set(-sin).at[2, 1].set(sin).at[2, 2].set(cos)
+  # Row-vector pixels: rgb' = rgb @ (T^T C^T T^-T).
+  mat = jnp.asarray(_RGB_TO_YIQ.T, jnp.float32) @ chroma.T @ jnp.asarray(_YIQ_TO_RGB.T, jnp.float32)
+  return jnp.clip(image @ mat, 0.0, 1.0)
+
+
+def _stain_ops(key: jax.Array, image: jax.Array, strengths: dict[str, jax.Array], ops: tuple[str, ...]
+               ) -> jax.Array:
+  """The colour ops other than the paper's HED jitter, in a fixed order: gamma (global OD scale),
+  brightness, contrast, then saturation and hue together, then the legacy combined `color_jitter`.
+
+  Keys come from `fold_in(key, i)`, one per op, so turning one op on or off leaves the others' draws alone.
+  """
+  if 'gamma' in ops:
+    image = _gamma(jax.random.fold_in(key, 1), image, strengths['gamma'])
+  if 'brightness' in ops:
+    image = _brightness(jax.random.fold_in(key, 2), image, strengths['brightness'])
+  if 'contrast' in ops:
+    image = _contrast(jax.random.fold_in(key, 3), image, strengths['contrast'])
+  if 'saturation' in ops or 'hue' in ops:
+    image = _saturation_hue(jax.random.fold_in(key, 4), image, strengths['saturation'], strengths['hue'], ops)
+  if 'color_jitter' in ops:
+    image = _color_jitter(key, image, strengths['color_jitter'])  # the key it always had
+  return image
+
+
+# ---------------------------------------------------------------------------------------------- presets
+# Colour augmentation fields of `config.augment` (all float strengths, 0 = off):
+#   hed_scale, hed_shift   HED concentrations * U(1 - scale, 1 + scale) + U(-shift, shift) (paper App. D)
+#   stain_mix              H and E stain vectors' RGB components * U(1 - m, 1 + m), renormalised
+#   gamma                  image ** exp(U(-g, g)) (global optical-density scale)
+#   brightness, contrast   factors ~ U(1 - s, 1 + s)
+#   saturation             chroma factor ~ U(1 - s, 1 + s); hue: chroma rotation ~ U(-h, h) turns
+#   color_jitter           the older combined brightness/contrast/saturation factor (kept for old configs)
+STAIN_FIELDS = ('hed_scale', 'hed_shift', 'stain_mix', 'gamma', 'brightness', 'contrast', 'saturation', 'hue',
+                'color_jitter')
+_OFF = dict.fromkeys(STAIN_FIELDS, 0.0)
+STAIN_PRESETS: dict[str, dict[str, float]] = {
+    'none': dict(_OFF),
+    # The paper's (Appendix D): HED scale U(0.98, 1.02), shift U(-0.02, 0.02), nothing else.
+    'paper': dict(_OFF, hed_scale=0.02, hed_shift=0.02),
+    # Inter-lab variation. The paper's shift already moves a CoNSeP crop's mean tissue L* by -11..+10 (5th-95th
+    # percentile), but as an additive tint of every pixel, glass included, while its scale barely changes
+    # how dark the nuclei are. Real labs differ multiplicatively (more or less stain): here gamma scales all
+    # optical density by 0.61-1.65 and HED scale each stain by 0.7-1.3, so the darkest 5 % of tissue (the
+    # nuclei) moves by -18..+19 L* (paper: -8..+10); stain_mix and hue change the stains' hues. Numbers:
+    # README, Stain robustness.
+    'strong': dict(_OFF, hed_scale=0.3, hed_shift=0.02, stain_mix=0.15, gamma=0.5, brightness=0.1,
+                   contrast=0.25, saturation=0.3, hue=0.04),
+}
+
+
+def resolve_stain_preset(augment_config: Any) -> dict[str, float]:
+  """The colour augmentation strengths of `augment_config` ({field: float} over `STAIN_FIELDS`).
+
+  `stain_preset` names a base ('paper' | 'strong' | 'none'); every colour field that is set (not None)
+  overrides that base, so `--config.augment.stain_preset=strong --config.augment.gamma=0.6` widens one op.
+  'custom', or no `stain_preset` at all (configs and workdirs written before presets), starts from all-off
+  and takes the fields as given: older configs keep their behaviour.
+  """
+  name = config_field(augment_config, 'stain_preset', 'custom')
+  if name != 'custom' and name not in STAIN_PRESETS:
+    raise ValueError(f"config.augment.stain_preset={name!r}: expected one of "
+                     f"{sorted(STAIN_PRESETS) + ['custom']}")
+  base = STAIN_PRESETS.get(name, _OFF)
+  out = {}
+  for field in STAIN_FIELDS:
+    value = config_field(augment_config, field, None)
+    value = base[field] if value is None else float(value)  # None: a placeholder left unset in the config
+    if value < 0:
+      raise ValueError(f'config.augment.{field}={value}: strengths are >= 0 (0 = off)')
+    out[field] = value
+  return out
+
+
 # ---------------------------------------------------------------------------------------------- per sample
 def _augment_one(key: jax.Array, sample: Batch, strengths: dict[str, jax.Array], static: tuple) -> Batch:
   """One sample: image float32[H, W, 3] in [0, 1] plus maps [H, W]; returns the same layout."""
@@ -204,10 +342,13 @@ def _augment_one(key: jax.Array, sample: Batch, strengths: dict[str, jax.Array],
         out[name] = sampler(out[name], yy, xx)
 
   image = out['image']
-  if hed:
-    image = _hed_jitter(k_hed, image, strengths['hed_scale'], strengths['hed_shift'])
-  if color:
-    image = _color_jitter(k_col, image, strengths['color_jitter'])
+  if hed:  # `hed`: which of ('jitter', 'mix') are on
+    if 'mix' in hed:
+      image = _hed_mix(k_hed, image, strengths['hed_scale'], strengths['hed_shift'], strengths['stain_mix'])
+    else:
+      image = _hed_jitter(k_hed, image, strengths['hed_scale'], strengths['hed_shift'])  # the paper's draws
+  if color:  # `color`: the names of the other colour ops that are on (see `_stain_ops`)
+    image = _stain_ops(k_col, image, strengths, color)
   if blur_radius:
     sigma = jax.random.uniform(k_blur, (), jnp.float32, 0.0, strengths['blur_sigma'])
     image = _smooth_2d(image, _gaussian_kernel(sigma, blur_radius))
@@ -224,8 +365,9 @@ def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], augment_config
     batch: {'image': uint8[B, H, W, 3], 'class_map': int32[B, H, W], 'density': float32[B, H, W],
       'instance_map': int32[B, H, W] (optional)}; any other [B, H, W, ...] array is moved with the geometry
       (nearest resampling only for class/instance maps; bilinear otherwise); [B] arrays pass through.
-    augment_config: `config.augment` (ConfigDict or mapping): flips, rot90 (bools), hed_scale, hed_shift,
-      color_jitter, blur_sigma, elastic_alpha (RMS displacement, pixels), elastic_sigma (smoothness, pixels).
+    augment_config: `config.augment` (ConfigDict or mapping): flips, rot90 (bools), the colour ops
+      (`stain_preset` and the `STAIN_FIELDS`, resolved by `resolve_stain_preset`), blur_sigma, elastic_alpha
+      (RMS displacement, pixels), elastic_sigma (smoothness, pixels).
       Read at trace time: pass it as a closure / static argument under `jax.jit`.
     vector_keys: names of [B, H, W, 2] vector fields (horizontal, vertical components, e.g. HoVer-Net's HV
       targets) that also rotate under flips and quarter turns; elastic deformation resamples them bilinearly
@@ -235,23 +377,26 @@ def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], augment_config
     The same keys; 'image' float32[B, H, W, 3] in [0, 1] (uint8 input is divided by 255; float input is taken
     as already in [0, 1]); maps keep their dtypes.
   """
+  stain = resolve_stain_preset(augment_config)
   cfg = {
       'flips': bool(config_field(augment_config, 'flips', False)),
       'rot90': bool(config_field(augment_config, 'rot90', False)),
-      'hed_scale': float(config_field(augment_config, 'hed_scale', 0.0)),
-      'hed_shift': float(config_field(augment_config, 'hed_shift', 0.0)),
-      'color_jitter': float(config_field(augment_config, 'color_jitter', 0.0)),
+      **stain,
       'blur_sigma': float(config_field(augment_config, 'blur_sigma', 0.0)),
       'elastic_alpha': float(config_field(augment_config, 'elastic_alpha', 0.0)),
       'elastic_sigma': float(config_field(augment_config, 'elastic_sigma', 8.0)),
   }
   # Static: what is on and the kernel radii (shapes); traced: the strengths, so changing a strength (or a
   # test sweeping them) does not recompile.
-  static = (cfg['flips'], cfg['rot90'], cfg['hed_scale'] > 0 or cfg['hed_shift'] > 0, cfg['color_jitter'] > 0,
+  hed_on = stain['hed_scale'] > 0 or stain['hed_shift'] > 0 or stain['stain_mix'] > 0
+  hed = (('jitter',) if hed_on else ()) + (('mix',) if stain['stain_mix'] > 0 else ())
+  color = tuple(k for k in ('gamma', 'brightness', 'contrast', 'saturation', 'hue', 'color_jitter') if stain[k] > 0)
+  static = (cfg['flips'], cfg['rot90'], hed, color,
             _radius(cfg['blur_sigma']) if cfg['blur_sigma'] > 0 else 0,
             cfg['elastic_sigma'] if cfg['elastic_alpha'] > 0 else 0.0, tuple(vector_keys))
   strengths = {k: jnp.float32(cfg[k]) for k in ('hed_scale', 'hed_shift', 'color_jitter', 'blur_sigma',
                                                   'elastic_alpha')}
+  strengths.update({k: jnp.float32(stain[k]) for k in STAIN_FIELDS})
   return _augment_jit(key, dict(batch), strengths, static)
 
 
