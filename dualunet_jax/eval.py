@@ -1,13 +1,17 @@
 """Evaluate a trained model (any method: DualU-Net, HoVer-Net, ...) on a split and print every metric.
 
     python -m dualunet_jax.eval --config=configs/consep.py --workdir=W [--split=test] [--checkpoint=best|last|STEP]
-    python -m dualunet_jax.eval --config=configs/consep.py --workdir=W --robustness     # paper, Appendix D
+    python -m dualunet_jax.eval --config=configs/consep.py --workdir=W --robustness=paper   # paper, Appendix D
+    python -m dualunet_jax.eval --config=configs/consep.py --workdir=W --robustness=stress  # other labs' stains
+    python -m dualunet_jax.eval --config=configs/consep.py --workdir=W --stain_norm=reinhard
     python -m dualunet_jax.eval --config=configs/consep.py --oracle --split=test         # no model: GT-derived maps
 
 Writes `W/eval/<split>.json` (all metrics, per-image counts), overlay PNGs (ground truth | prediction,
 outlines coloured by class) in `W/eval/<split>_overlays/`, and prints a table; the last stdout line is one
 JSON object with the headline metrics. The model (encoder, widths, classes, mpp) comes from `W/config.json`;
 the `--config` file supplies data locations and evaluation settings (post-processing, match radius).
+`--stain_norm` maps each tile's colours onto the training split's statistics (`W/stain_stats.json`, written at
+training time; fitted per tile, as evaluation tiles are independent images) before the model sees it.
 """
 
 import json
@@ -24,7 +28,10 @@ flags.DEFINE_string('workdir', None, 'Training workdir (holds config.json and ch
 flags.DEFINE_string('split', None, 'Split to evaluate (default: config.dataset.test_split).')
 flags.DEFINE_string('checkpoint', 'best', "'best', 'last' or a step number.")
 flags.DEFINE_bool('oracle', False, 'Feed ground-truth-derived ideal maps through post-processing and metrics.')
-flags.DEFINE_bool('robustness', False, 'Stain/orientation robustness protocol: 5 perturbed copies, mean ± std.')
+flags.DEFINE_string('robustness', None, "Robustness protocol: 'paper' (5 perturbed copies, mean ± std), 'stress' "
+                    "(graded stain shifts of other labs), 'all', or comma-separated level names.")
+flags.DEFINE_enum('stain_norm', 'none', ['none', 'reinhard', 'macenko'],
+                  'Inference stain normalisation onto the training statistics (W/stain_stats.json).')
 flags.DEFINE_string('output', None, 'Output folder (default: W/eval, or workdirs/oracle with --oracle).')
 flags.mark_flag_as_required('config')
 
@@ -44,18 +51,29 @@ def _merge_trained_config(config, workdir: pathlib.Path):
   return config
 
 
+def _normalizer(workdir: pathlib.Path):
+  """The --stain_norm normaliser with the training statistics of `workdir`, or None."""
+  if FLAGS.stain_norm == 'none':
+    return None
+  from dualunet_jax.data import stain
+  try:
+    return stain.Normalizer(FLAGS.stain_norm, stain.load_statistics(workdir))
+  except (OSError, ValueError) as e:
+    raise app.UsageError(f'--stain_norm={FLAGS.stain_norm}: {e}') from e
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO; `-v 0` brings it back
-  from dualunet_jax import evaluation
+  from dualunet_jax import evaluation, methods
   from dualunet_jax.data import sources
 
   config = FLAGS.config
   split = FLAGS.split or config.dataset.test_split
   if FLAGS.oracle:
-    from dualunet_jax import methods, oracle
+    from dualunet_jax import oracle
     source = sources.load_source(config.dataset, split)
     results = oracle.run_oracle(
         (source[i] for i in range(len(source))), num_classes=config.dataset.num_classes,
@@ -67,7 +85,7 @@ def main(argv):
   else:
     if not FLAGS.workdir:
       raise app.UsageError('--workdir is required (or use --oracle)')
-    from dualunet_jax import checkpointing, methods, trainer
+    from dualunet_jax import checkpointing, trainer
     workdir = pathlib.Path(FLAGS.workdir)
     config = _merge_trained_config(config, workdir)
     # Values come from the checkpoint: an abstract (shape-only) model.
@@ -77,25 +95,36 @@ def main(argv):
     source = sources.load_source(config.dataset, split)
     mesh = trainer.make_mesh()
     out_dir = pathlib.Path(FLAGS.output or workdir / 'eval')
+    normalizer = _normalizer(workdir)
+    suffix = '' if normalizer is None else f'_{normalizer.kind}'
     if FLAGS.robustness:
-      results = evaluation.evaluate_robustness(model, source, config, mesh=mesh)
-      name = f'{split}_robustness'
+      from dualunet_jax import robustness
+      results = robustness.evaluate_stress(model, source, config, levels=FLAGS.robustness, normalizer=normalizer,
+                                           mesh=mesh)
+      name = f'{split}_robustness{suffix}'
     else:
       per_image = []
+      transform = None
+      if normalizer is not None:
+        from dualunet_jax.data import stain
+        transform = lambda record, index: dict(record, image=stain.normalize_tile(normalizer, record['image']))
       results = evaluation.evaluate(model, source, config, mesh=mesh, overlays_dir=out_dir / f'{split}_overlays',
-                                    num_overlays=config.eval.num_overlays, per_image=per_image)
+                                    num_overlays=config.eval.num_overlays, per_image=per_image,
+                                    transform=transform)
       results['per_image'] = per_image
-      name = split
+      name = f'{split}{suffix}'
     results['checkpoint_step'] = meta.get('step')
-  results['config'] = {'targets': config.targets.to_dict(), 'postprocess': config.postprocess.to_dict(),
-                       'match_radius': config.eval.match_radius, 'split': split}
+  results['config'] = {'method': methods.method_name(config), 'targets': config.targets.to_dict(),
+                       'postprocess': config.postprocess.to_dict(), 'match_radius': config.eval.match_radius,
+                       'split': split, 'stain_norm': FLAGS.stain_norm}
 
   if jax.process_index() == 0:
     evaluation.write_json(out_dir / f'{name}.json', results)
     if FLAGS.robustness and not FLAGS.oracle:
-      for k in evaluation.ROBUSTNESS_KEYS:
-        print(f"  {k:<10s} {results[f'{k}_mean']:.4f} ± {results[f'{k}_std']:.4f}")
-      headline = {k: results[k] for k in results if k not in ('runs', 'config')}
+      from dualunet_jax import robustness
+      print(robustness.format_stress_table(results))
+      headline = {name: {k: row[k] for k in robustness.STRESS_KEYS} for name, row in results['levels'].items()}
+      headline.update(results.get('paper', {}))
     else:
       print(f'{config.dataset.name} / {split}' + (' (oracle)' if FLAGS.oracle else ''))
       print(evaluation.format_table(results, tuple(config.dataset.class_names)))

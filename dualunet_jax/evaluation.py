@@ -1,5 +1,5 @@
 """Evaluation of a model on a split: device inference, host post-processing in worker processes overlapped
-with the device, dataset-level metrics, overlays, and the paper's stain-robustness protocol.
+with the device, dataset-level metrics and overlays (robustness protocols: `robustness.py`).
 
     evaluate(model, source, config) -> {'f1_d': ..., 'f1_c_mean': ..., 'dice': ..., 'bpq': ..., ...}
 """
@@ -21,10 +21,6 @@ from dualunet_jax import methods
 from dualunet_jax import metrics as metrics_lib
 from dualunet_jax import postprocess as postprocess_lib
 from dualunet_jax.data import pipeline, schema
-
-# The paper's robustness protocol (Appendix D): random dihedral view + HED perturbation, 5 repetitions.
-ROBUSTNESS_REPEATS = 5
-ROBUSTNESS_KEYS = ('f1_d', 'f1_c_mean', 'dice')
 
 Forward = Callable[[jax.Array], dict[str, jax.Array]]
 
@@ -201,48 +197,6 @@ def save_overlay(path: pathlib.Path, record: dict, instances: Any, num_classes: 
   tmp = path.with_suffix('.tmp.png')
   Image.fromarray(panel).save(tmp)
   os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------------------- robustness
-
-def robustness_transform(config: ml_collections.ConfigDict, repeat: int) -> Callable[[dict, int], dict]:
-  """Record -> a random dihedral view with HED perturbation (paper Appendix D: scale U(0.98, 1.02), shift
-  U(-0.02, 0.02)), deterministic in (seed, repeat, index). Ground truth is transformed with the image."""
-  from dualunet_jax.data import augment, targets
-
-  aug = ml_collections.ConfigDict({'flips': True, 'rot90': True, 'hed_scale': 0.02, 'hed_shift': 0.02,
-                                   'color_jitter': 0.0, 'blur_sigma': 0.0, 'elastic_alpha': 0.0,
-                                   'elastic_sigma': 8.0})
-  key = jax.random.fold_in(jax.random.key(config.seed + 1000), repeat)
-
-  def transform(record: dict, index: int) -> dict:
-    inst = record[schema.INSTANCE_MAP]
-    batch = {'image': record[schema.IMAGE][None], 'instance_map': inst[None],
-             'class_map': targets.class_map(inst, record[schema.INSTANCE_CLASSES])[None],
-             'density': np.zeros((1,) + inst.shape, np.float32)}
-    out = augment.augment_batch(jax.random.fold_in(key, index), batch, aug)
-    image = np.round(np.clip(np.asarray(out['image'][0]), 0.0, 1.0) * 255.0).astype(np.uint8)
-    return dict(record, image=image, instance_map=np.asarray(out['instance_map'][0]))
-
-  return transform
-
-
-def evaluate_robustness(model: nnx.Module, source: Any, config: ml_collections.ConfigDict, *,
-                        mesh: Mesh | None = None) -> dict[str, Any]:
-  """Mean ± std over `ROBUSTNESS_REPEATS` perturbed copies of the split of F1d, mean F1c and Dice."""
-  mesh = mesh or pipeline.default_mesh()
-  forward = make_forward(model, mesh, methods.get(config))
-  runs = []
-  for r in range(ROBUSTNESS_REPEATS):
-    runs.append(evaluate(forward, source, config, mesh=mesh, transform=robustness_transform(config, r),
-                         desc=f'robustness {r + 1}/{ROBUSTNESS_REPEATS}'))
-  summary = {}
-  for k in ROBUSTNESS_KEYS:
-    values = np.array([run[k] for run in runs], np.float64)
-    summary[f'{k}_mean'] = float(values.mean())
-    summary[f'{k}_std'] = float(values.std())
-  summary['runs'] = runs
-  return summary
 
 
 # ------------------------------------------------------------------------------------------- reporting

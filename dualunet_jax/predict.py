@@ -2,7 +2,7 @@
 
     python -m dualunet_jax.predict --workdir=workdirs/consep --input=slides/*.svs --input=tiles/ \
         --output=out/ [--mpp=0.25] [--tile_size=1024 --overlap=128 --batch_size=4] [--tta] \
-        [--formats=geojson,csv,maps,overlay,composition]
+        [--formats=geojson,csv,maps,overlay,composition] [--stain_norm=reinhard|macenko]
 
 Inputs: files (png/jpg/tif tiles, svs/ndpi/mrxs/scn/bif/dcm/tiled tif slides through OpenSlide), folders
 (their image/slide files) and globs, repeatable. Every input is resampled to the model's µm/px
@@ -45,6 +45,9 @@ flags.DEFINE_list('formats', ['geojson', 'csv', 'maps', 'overlay', 'composition'
                   'Outputs: geojson, geojson_points, csv, maps, overlay, composition.')
 flags.DEFINE_enum('tissue', 'auto', ['auto', 'on', 'off'], 'Skip background tiles (auto: on for slides).')
 flags.DEFINE_integer('workers', 0, 'Post-processing processes (0: one per CPU core; 1: in-process).')
+flags.DEFINE_enum('stain_norm', 'none', ['none', 'reinhard', 'macenko'],
+                  "Stain normalisation onto the training split's colours (W/stain_stats.json), fitted per input "
+                  'on its thumbnail.')
 flags.DEFINE_bool('keep_work', False, 'Keep per-row result shards after export.')
 flags.DEFINE_bool('progress', True, 'Show a progress bar.')
 
@@ -72,6 +75,19 @@ def _predictor(checkpoints: list[str], tta_views: int):
   return engine.model_predictor([model], method=method, tta_views=tta_views), config, identity
 
 
+def _normalizer(checkpoints: list[str]):
+  """The --stain_norm normaliser with the training statistics of the first checkpoint's workdir, or None."""
+  if FLAGS.stain_norm == 'none':
+    return None
+  if not checkpoints:
+    raise ValueError('--stain_norm needs a trained workdir (its stain_stats.json), not --config alone')
+  import pathlib
+  from dualunet_jax.data import stain
+  path = pathlib.Path(checkpoints[0])
+  workdir = path.parent.parent if path.name.isdigit() else path  # a step folder W/best/123 -> W
+  return stain.Normalizer(FLAGS.stain_norm, stain.load_statistics(workdir))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -94,13 +110,14 @@ def main(argv):
     if len(class_names) != config.dataset.num_classes:
       class_names = tuple(f'class_{i}' for i in range(1, config.dataset.num_classes + 1))
     batch_size = FLAGS.batch_size * getattr(predictor, 'num_devices', 1)  # every local device gets tiles
+    normalizer = _normalizer(checkpoints)
     options = engine.Options(
         model_mpp=float(config.dataset.mpp), class_names=class_names, tile_size=FLAGS.tile_size,
         overlap=FLAGS.overlap, batch_size=batch_size, formats=tuple(FLAGS.formats), tissue=FLAGS.tissue,
         workers=FLAGS.workers, postprocess=methods.get(config).postprocess_kwargs(config),
-        postprocess_fn=methods.get(config).postprocess_fn, predictor_id=identity,
+        postprocess_fn=methods.get(config).postprocess_fn, stain_norm=normalizer, predictor_id=identity,
         keep_work=FLAGS.keep_work, progress=FLAGS.progress)
-  except (ValueError, CheckpointError) as e:  # bad flags / paths / checkpoints
+  except (ValueError, CheckpointError, OSError) as e:  # bad flags / paths / checkpoints / statistics
     _fail(e)
   try:
     summaries = engine.predict(specs, predictor, FLAGS.output, options)

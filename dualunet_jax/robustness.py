@@ -115,7 +115,7 @@ PROTOCOLS = {'paper': PAPER_LEVELS, 'stress': tuple(STRESS_LEVELS), 'all': tuple
 def paper_transform(config: Any, repeat: int) -> Transform:
   """Record -> a random dihedral view with HED perturbation (paper Appendix D: scale U(0.98, 1.02), shift
   U(-0.02, 0.02)), deterministic in (config.seed, repeat, index); the ground truth moves with the image.
-  The same draws as `evaluation.robustness_transform`, which this replaces."""
+  The same draws as the protocol's first implementation (tests/test_robustness.py keeps its restatement)."""
   import jax
   import ml_collections
   from dualunet_jax.data import augment, targets
@@ -195,8 +195,9 @@ def evaluate_stress(model_or_forward: Any, source: Any, config: Any, *, levels: 
   from flax import nnx
   from dualunet_jax import evaluation
   names = level_names(levels)
-  forward = evaluation.make_forward(model_or_forward, mesh) if isinstance(model_or_forward, nnx.Module) \
-      else model_or_forward
+  from dualunet_jax import methods
+  forward = evaluation.make_forward(model_or_forward, mesh, methods.get(config)) \
+      if isinstance(model_or_forward, nnx.Module) else model_or_forward
   out: dict[str, Any] = {'levels': {}, 'stain_norm': normalizer.kind if normalizer is not None else 'none'}
   for i, name in enumerate(names):
     lightness: dict[int, float] = {}

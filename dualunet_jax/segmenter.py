@@ -68,10 +68,12 @@ class Segmenter:
     config: the training config of the (first) model: method, classes, µm/px, post-processing.
     tile_size, overlap: the engine's tiling, in model-resolution pixels.
     batch_size: tiles per predictor call.
+    stain_norm: an unfitted `data.stain.Normalizer` (the training statistics) or None: each image gets a copy
+      fitted on the image itself, applied to every tile before the model.
   """
 
   def __init__(self, predictor: Any, config: Any, *, tile_size: int = 1024, overlap: int = 128,
-               batch_size: int = 4):
+               batch_size: int = 4, stain_norm: Any = None):
     from dualunet_jax import methods
     self.predictor = predictor
     self.config = config
@@ -83,6 +85,7 @@ class Segmenter:
     self.tile_size, self.overlap, self.batch_size = int(tile_size), int(overlap), int(batch_size)
     tiling.TileGrid.create(1, 1, self.tile_size, self.overlap)  # validates the geometry now
     self.postprocess_kwargs = self.method.postprocess_kwargs(config)
+    self.stain_norm = stain_norm
 
   @classmethod
   def from_checkpoints(cls, checkpoints: Sequence[str | os.PathLike], *, which: str | int = 'best',
@@ -95,9 +98,14 @@ class Segmenter:
 
   @classmethod
   def from_workdir(cls, workdir: str | os.PathLike, *, which: str | int = 'best', tta_views: int = 1,
-                   **kwargs: Any) -> 'Segmenter':
-    """The checkpoint `which` ('best' | 'last' | step) of a training (or converted) workdir."""
-    return cls.from_checkpoints([workdir], which=which, tta_views=tta_views, **kwargs)
+                   stain_norm: str = 'none', **kwargs: Any) -> 'Segmenter':
+    """The checkpoint `which` ('best' | 'last' | step) of a training (or converted) workdir; `stain_norm`
+    'reinhard' | 'macenko' normalises images onto the training split's colours (`W/stain_stats.json`)."""
+    normalizer = None
+    if stain_norm != 'none':
+      from dualunet_jax.data import stain
+      normalizer = stain.Normalizer(stain_norm, stain.load_statistics(workdir))
+    return cls.from_checkpoints([workdir], which=which, tta_views=tta_views, stain_norm=normalizer, **kwargs)
 
   def __call__(self, image: np.ndarray, mpp: float | None = None) -> Segmentation:
     """Segments one RGB image.
@@ -118,12 +126,17 @@ class Segmenter:
     view = slide_lib.ModelView(source, mpp or self.model_mpp, self.model_mpp)
     grid = tiling.TileGrid.create(view.height, view.width, self.tile_size, self.overlap)
     margin = int(getattr(self.predictor, 'margin', 0) or 0)
+    normalizer = None
+    if self.stain_norm is not None:  # one mapping for the whole image, fitted on it (at most 2048 px a side)
+      import copy
+      normalizer = copy.copy(self.stain_norm).fit(source.thumbnail(2048))
     tiles = grid.tiles()
     results = []
     for start in range(0, len(tiles), self.batch_size):
       batch = tiles[start:start + self.batch_size]
-      images = np.stack([view.read(t.y0 - margin, t.x0 - margin, t.height + 2 * margin, t.width + 2 * margin)
-                         for t in batch])
+      images = [view.read(t.y0 - margin, t.x0 - margin, t.height + 2 * margin, t.width + 2 * margin)
+                for t in batch]
+      images = np.stack([normalizer(x) for x in images] if normalizer is not None else images)
       maps = {name: np.asarray(value, np.float32) for name, value in self.predictor(images).items()}
       for i, tile in enumerate(batch):
         results.append(tiling.tile_instances({name: value[i] for name, value in maps.items()}, tile,

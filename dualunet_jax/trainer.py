@@ -2,6 +2,10 @@
 
     train_and_evaluate(config, workdir)
 
+The method (`config.method`: DualU-Net, HoVer-Net, ...) supplies the model and the loss; everything else here
+is shared. Besides checkpoints the workdir receives the class weights and the training split's stain
+statistics (`stain_stats.json`, for `--stain_norm` at inference).
+
 Devices: one `Mesh` with a 'data' axis over all devices (all hosts after `jax.distributed.initialize()`).
 Batches are global arrays sharded on 'data'; parameters and optimizer state are replicated. BatchNorm
 statistics inside the jitted step are computed over the *global* batch (XLA inserts the cross-device
@@ -94,6 +98,27 @@ def class_weights_for(config: ml_collections.ConfigDict, source: Any, num_classe
   return np.asarray(weights, np.float32)
 
 
+STAIN_FIT_IMAGES = 64  # training images sampled for the stain statistics (medians of per-image statistics)
+
+
+def stain_statistics_for(source: Any, workdir: pathlib.Path) -> None:
+  """Writes `W/stain_stats.json` once per workdir: the colour statistics of the training split that
+  `--stain_norm` maps inference images onto, so users need no reference image (resumed runs keep the file).
+  Up to `STAIN_FIT_IMAGES` evenly spaced tiles: the statistics are medians of per-image statistics, stable
+  long before the whole split (a few seconds on CoNSeP Train)."""
+  from dualunet_jax.data import schema, stain
+  if jax.process_index() != 0 or (workdir / stain.STATS_FILE).is_file():
+    return
+  n = len(source)
+  indices = np.unique(np.linspace(0, n - 1, min(n, STAIN_FIT_IMAGES)).round().astype(int)) if n else []
+  try:
+    stats = stain.fit_statistics(source[int(i)][schema.IMAGE] for i in indices)
+  except ValueError as e:  # e.g. no tile with enough tissue: training goes on, --stain_norm will say why
+    _say(f'no stain statistics for --stain_norm: {e}')
+    return
+  stain.save_statistics(workdir, stats)
+
+
 def _say(message: str) -> None:
   """A line for the person at the terminal (process 0 only), kept clear of the progress bar."""
   if jax.process_index() == 0:
@@ -132,6 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   steps_per_epoch = config.train.steps_per_epoch or pipeline.steps_per_epoch(config, train_source)
   total_steps = config.train.epochs * steps_per_epoch
   class_weights = class_weights_for(config, train_source, num_classes, workdir)
+  stain_statistics_for(train_source, workdir)
   _say(f'{config.dataset.name}: {len(train_source)} training tiles, classes {list(class_names)}, '
        f'class weights {np.round(class_weights, 4).tolist()}; '
        f'{steps_per_epoch} steps/epoch, {total_steps} steps')

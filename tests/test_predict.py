@@ -74,6 +74,11 @@ def test_cli_with_tiny_checkpoint(tmp_path):
     assert len(fc['features']) == comp['total'] == len((out / f'{name}.csv').read_text().splitlines()) - 1
   assert (out / 'composition.csv').is_file()
 
+  no_stats = _cli(f'--workdir={workdir}', f'--input={tmp_path / "in"}', f'--output={out}', '--stain_norm=reinhard')
+  assert no_stats.returncode == 2  # a converted/random checkpoint has no training statistics: say so, one line
+  assert no_stats.stderr.strip().splitlines()[-1].startswith('dualunet-predict: error: ')
+  assert 'stain_stats.json' in no_stats.stderr
+
   bad = _cli(f'--workdir={workdir}', f'--input={tmp_path / "nothing" / "*.svs"}', f'--output={out}')
   assert bad.returncode == 2
   lines = bad.stderr.strip().splitlines()

@@ -92,3 +92,27 @@ def test_segmenter_from_workdir_with_a_real_model(tmp_path):
   assert result.instance_map.shape == (90, 70) and result.class_names == CLASS_NAMES
   assert result.class_probabilities.shape == (result.num_nuclei, 4)
   assert result.centroids.shape == (result.num_nuclei, 2)
+
+
+def test_stain_normalisation_undoes_a_darker_lab(mosaic, tmp_path):
+  """Stain normalisation onto the training statistics, in the Segmenter and in the engine: a darker copy of the
+  same tissue, normalised, gives about the nuclei of the original; unnormalised it does not (the stand-in model
+  thresholds darkness, like a stain-sensitive network)."""
+  from dualunet_jax.data import stain
+  from dualunet_jax.robustness import scale_density
+  stats = stain.fit_statistics([mosaic])
+  darker = scale_density(mosaic, 1.7)
+  plain = dualunet_jax.Segmenter(_darkness_predictor, _config(), tile_size=128, overlap=32)
+  normed = dualunet_jax.Segmenter(_darkness_predictor, _config(), tile_size=128, overlap=32,
+                                  stain_norm=stain.Normalizer('reinhard', stats))
+  reference = plain(mosaic).num_nuclei
+  assert abs(plain(darker).num_nuclei - reference) > 0.2 * reference
+  assert abs(normed(darker).num_nuclei - reference) <= 0.2 * reference
+  # The engine fits one mapping per input (on its thumbnail) and applies it to every tile.
+  Image.fromarray(darker).save(tmp_path / 'darker.png')
+  options = inference.Options(model_mpp=0.5, class_names=CLASS_NAMES, tile_size=128, overlap=32, workers=1,
+                              progress=False, formats=('maps',), stain_norm=stain.Normalizer('reinhard', stats))
+  inference.predict([inference.InputSpec(tmp_path / 'darker.png', mpp=0.5)], _darkness_predictor,
+                    tmp_path / 'out', options)
+  engine_count = int(np.load(tmp_path / 'out' / 'darker_instances.npy').max())
+  assert abs(engine_count - reference) <= 0.2 * reference

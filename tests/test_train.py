@@ -92,6 +92,11 @@ def test_training_writes_everything_and_loss_decreases(trained):
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   weights = json.loads((workdir / trainer.CLASS_WEIGHTS_FILE).read_text())['weights']
   assert len(weights) == 4 and sum(weights) == pytest.approx(1.0, abs=1e-5)
+  # The training split's colour statistics, for --stain_norm at inference.
+  from dualunet_jax.data import stain
+  stats = stain.load_statistics(workdir)
+  assert stats['num_images'] == 8 and len(stats['reinhard']['mean']) == 3
+  assert np.asarray(stats['macenko']['stain_matrix']).shape == (2, 3)
 
 
 def test_resume_equals_uninterrupted(trained, tmp_path, data_dir):
@@ -163,17 +168,18 @@ def test_eval_cli_writes_complete_json_and_overlays(trained, data_dir):
 
 
 def test_robustness_protocol_runs(trained):
+  from dualunet_jax import robustness
   workdir, config, _ = trained
   model, _ = checkpointing.restore_for_inference(workdir, 'last')
   source = sources.load_source(config.dataset, 'test')
-  summary = evaluation.evaluate_robustness(model, source, config)
-  assert len(summary['runs']) == evaluation.ROBUSTNESS_REPEATS
-  for key in evaluation.ROBUSTNESS_KEYS:
-    values = [run[key] for run in summary['runs']]
-    assert summary[f'{key}_mean'] == pytest.approx(np.mean(values))
-    assert summary[f'{key}_std'] == pytest.approx(np.std(values))
+  summary = robustness.evaluate_stress(model, source, config, levels='paper')
+  assert tuple(summary['levels']) == robustness.PAPER_LEVELS
+  for key in robustness.PAPER_KEYS:
+    values = [summary['levels'][name][key] for name in robustness.PAPER_LEVELS]
+    assert summary['paper'][f'{key}_mean'] == pytest.approx(np.mean(values))
+    assert summary['paper'][f'{key}_std'] == pytest.approx(np.std(values))
   # Different random views of the same images: the runs are not all identical.
-  assert len({round(run['dice'], 6) for run in summary['runs']}) > 1
+  assert len({round(summary['levels'][name]['dice'], 6) for name in robustness.PAPER_LEVELS}) > 1
 
 
 def test_restore_errors_are_clear(tmp_path, trained):

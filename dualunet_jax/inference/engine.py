@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import copy
 import dataclasses
 import glob
 import json
@@ -86,6 +87,8 @@ class Options:
     postprocess: keyword options of `postprocess_fn`.
     postprocess_fn: the method's post-processing (`Method.postprocess_fn`; default DualU-Net's), a top-level
       JAX-free function of one tile's maps, pickled by reference into the workers.
+    stain_norm: an unfitted `data.stain.Normalizer` (training statistics) or None: each input gets a copy fitted
+      once on its thumbnail (per slide, not per tile), applied to every tile before the model.
     predictor_id: identifies the model/TTA for the resume signature.
     keep_work: keep the row shards after export (the manifest is always kept, to skip finished inputs).
     progress: show a tqdm bar (tiles, tiles/s, ETA).
@@ -103,6 +106,7 @@ class Options:
   prefetch: int = 2
   postprocess: dict = dataclasses.field(default_factory=dict)
   postprocess_fn: Callable[..., Any] | None = None
+  stain_norm: Any = None
   predictor_id: str = ''
   keep_work: bool = False
   progress: bool = True
@@ -131,6 +135,7 @@ class _Job:
   todo: list[tiling.Tile]
   row_sizes: dict[int, int]
   tiles_total: int
+  normalizer: Any = None
   started: float = dataclasses.field(default_factory=time.perf_counter)
   pending: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(dict))
   finished: bool = False
@@ -198,7 +203,11 @@ class _Engine:
       view = slide_lib.ModelView(source, mpp, opt.model_mpp)
       grid = tiling.TileGrid.create(view.height, view.width, opt.tile_size, opt.overlap)
       use_tissue = opt.tissue == 'on' or (opt.tissue == 'auto' and source.is_slide)
-      tissue = slide_lib.tissue_mask(source.thumbnail(opt.thumbnail_side)) if use_tissue else None
+      thumb = source.thumbnail(opt.thumbnail_side) if (use_tissue or opt.stain_norm is not None) else None
+      tissue = slide_lib.tissue_mask(thumb) if use_tissue else None
+      normalizer = None
+      if opt.stain_norm is not None:  # colour statistics do not depend on resolution: the thumbnail will do
+        normalizer = copy.copy(opt.stain_norm).fit(thumb)
       tiles = grid.select(tissue)
       stat = spec.path.stat()
       signature = {
@@ -207,6 +216,7 @@ class _Engine:
           'tissue': use_tissue, 'predictor': opt.predictor_id, 'postprocess': opt.postprocess,
           'postprocess_fn': _qualified_name(self.postprocess_fn),
           'masks': self.want_masks, 'tiles': len(tiles),
+          'stain_norm': None if opt.stain_norm is None else opt.stain_norm.kind,
       }
       store = exporters.ShardStore(self.out_dir / WORK_DIR / name)
       store.open(signature)
@@ -217,7 +227,7 @@ class _Engine:
       row_sizes = collections.Counter(t.row for t in tiles)
       done = store.done_rows
       todo = [] if store.manifest.get('finished') else [t for t in tiles if t.row not in done]
-      return _Job(spec, name, source, view, grid, store, todo, dict(row_sizes), len(tiles))
+      return _Job(spec, name, source, view, grid, store, todo, dict(row_sizes), len(tiles), normalizer)
     except Exception:
       source.close()
       raise
@@ -240,6 +250,8 @@ class _Engine:
         m = self.margin  # context a valid-convolution model consumes around the tile
         for tile in job.todo:
           image = job.view.read(tile.y0 - m, tile.x0 - m, tile.height + 2 * m, tile.width + 2 * m)
+          if job.normalizer is not None:
+            image = job.normalizer(image)
           if not put(('tile', job, tile, image)):
             return
       put(('end',))
