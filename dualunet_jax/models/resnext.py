@@ -13,6 +13,9 @@ Attribute path (this module, under `DualUNet.encoder`) -> reference torch key (u
   layer{L}[0].downsample_conv.kernel         <- layer{L}.0.downsample.0.weight
   layer{L}[0].downsample_bn.*                <- layer{L}.0.downsample.1.*
 
+  layer{L}[b].se.fc{1,2}.{kernel, bias}      <- layer{L}.{b}.se.fc{1,2}.{weight, bias}  (SE-ResNeXt only:
+                                                `se_reduction` > 0; timm `seresnext*` layout, see seresnext.py)
+
 `layer{L}` is an `nnx.List`, so block b has the state path ('layer{L}', b, ...). All convolutions are
 bias-free; BatchNorm eps 1e-5, Flax momentum 0.9 (= PyTorch momentum 0.1). Flax updates the running variance
 with the biased batch variance (PyTorch: unbiased); this only matters while training.
@@ -38,23 +41,56 @@ import jax.numpy as jnp
 from flax import nnx
 
 # torchvision ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu'); BN weight 1, bias 0.
-_CONV_INIT = jax.nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')  # untruncated in jax
+CONV_INIT = jax.nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')  # untruncated in jax
 CARDINALITY = 32
 _EXPANSION = 4
 BN_MOMENTUM = 0.9  # Flax convention (PyTorch momentum 0.1).
 BN_EPSILON = 1e-5
 
 
-def _batch_norm(features: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+def batch_norm(features: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
   return nnx.BatchNorm(features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
                        param_dtype=jnp.float32, rngs=rngs)
 
 
-def _conv(cin: int, cout: int, kernel: int, stride: int, padding: int, dtype, rngs: nnx.Rngs,
+def conv(cin: int, cout: int, kernel: int, stride: int, padding: int, dtype, rngs: nnx.Rngs,
           groups: int = 1) -> nnx.Conv:
   return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride),
                   padding=((padding, padding), (padding, padding)), feature_group_count=groups,
-                  use_bias=False, kernel_init=_CONV_INIT, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                  use_bias=False, kernel_init=CONV_INIT, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def se_channels(channels: int, reduction: int, divisor: int = 8) -> int:
+  """timm `make_divisible(channels / reduction, 8)`: nearest multiple of 8, at least 8."""
+  return max(divisor, int(channels / reduction + divisor / 2) // divisor * divisor)
+
+
+class SqueezeExcite(nnx.Module):
+  """Channel gate x * sigmoid(fc2(relu(fc1(pool(x))))), fc1/fc2 1x1 convolutions (C -> hidden -> C).
+
+  Defaults = timm's SEModule (pool = spatial mean, biases). `add_max` pools mean + max, the channel attention
+  of HistoNeXt's ConvCAM (histonext.py), which has no biases there.
+  """
+
+  def __init__(self, channels: int, hidden: int, *, bias: bool = True, add_max: bool = False, dtype,
+               rngs: nnx.Rngs):
+    self.add_max = add_max
+    fc = lambda cin, cout: nnx.Conv(cin, cout, (1, 1), use_bias=bias, kernel_init=CONV_INIT, dtype=dtype,
+                                    param_dtype=jnp.float32, rngs=rngs)
+    self.fc1 = fc(channels, hidden)
+    self.fc2 = fc(hidden, channels)
+
+  def gate(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C] -> [B, 1, 1, C] gates in (0, 1)."""
+    # Mean accumulated in float32: a bfloat16 sum over a whole tile loses the low bits.
+    s = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(x.dtype)
+    if self.add_max:
+      s = s + jnp.max(x, axis=(1, 2), keepdims=True)
+    return jax.nn.sigmoid(self.fc2(jax.nn.relu(self.fc1(s))))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C] -> same shape, each channel scaled by its gate."""
+    return x * self.gate(x)
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
@@ -66,22 +102,27 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
 
 class Bottleneck(nnx.Module):
-  """torchvision Bottleneck (v1.5): 1x1 -> grouped 3x3 (stride) -> 1x1 (x4), BN after each, residual."""
+  """torchvision Bottleneck (v1.5): 1x1 -> grouped 3x3 (stride) -> 1x1 (x4), BN after each, residual.
 
-  def __init__(self, in_channels: int, planes: int, stride: int, *, cardinality: int = CARDINALITY, dtype,
-               rngs: nnx.Rngs):
+  `se_reduction` > 0 adds timm's squeeze-excitation after the last BN, before the residual sum (SE-ResNeXt).
+  """
+
+  def __init__(self, in_channels: int, planes: int, stride: int, *, cardinality: int = CARDINALITY,
+               se_reduction: int = 0, dtype, rngs: nnx.Rngs):
     width = 2 * planes
     groups = math.gcd(cardinality, width)
     out = planes * _EXPANSION
-    self.conv1 = _conv(in_channels, width, 1, 1, 0, dtype, rngs)
-    self.bn1 = _batch_norm(width, dtype, rngs)
-    self.conv2 = _conv(width, width, 3, stride, 1, dtype, rngs, groups=groups)
-    self.bn2 = _batch_norm(width, dtype, rngs)
-    self.conv3 = _conv(width, out, 1, 1, 0, dtype, rngs)
-    self.bn3 = _batch_norm(out, dtype, rngs)
+    self.conv1 = conv(in_channels, width, 1, 1, 0, dtype, rngs)
+    self.bn1 = batch_norm(width, dtype, rngs)
+    self.conv2 = conv(width, width, 3, stride, 1, dtype, rngs, groups=groups)
+    self.bn2 = batch_norm(width, dtype, rngs)
+    self.conv3 = conv(width, out, 1, 1, 0, dtype, rngs)
+    self.bn3 = batch_norm(out, dtype, rngs)
+    self.se = (SqueezeExcite(out, se_channels(out, se_reduction), dtype=dtype, rngs=rngs) if se_reduction
+               else None)
     if stride != 1 or in_channels != out:
-      self.downsample_conv = _conv(in_channels, out, 1, stride, 0, dtype, rngs)
-      self.downsample_bn = _batch_norm(out, dtype, rngs)
+      self.downsample_conv = conv(in_channels, out, 1, stride, 0, dtype, rngs)
+      self.downsample_bn = batch_norm(out, dtype, rngs)
     else:
       self.downsample_conv = None
       self.downsample_bn = None
@@ -90,6 +131,8 @@ class Bottleneck(nnx.Module):
     y = jax.nn.relu(self.bn1(self.conv1(x)))
     y = jax.nn.relu(self.bn2(self.conv2(y)))
     y = self.bn3(self.conv3(y))
+    if self.se is not None:
+      y = self.se(y)
     shortcut = x if self.downsample_conv is None else self.downsample_bn(self.downsample_conv(x))
     return jax.nn.relu(y + shortcut)
 
@@ -97,35 +140,40 @@ class Bottleneck(nnx.Module):
 class ResNeXtEncoder(nnx.Module):
   """ResNeXt-50 32x4d without avgpool/fc. Returns the 6 features of reference §1.3.
 
-  Full size: `stem_width=64, planes=(64, 128, 256, 512)`, blocks (3, 4, 6, 3).
+  Full size: `stem_width=64, planes=(64, 128, 256, 512)`, blocks (3, 4, 6, 3). Hooks for the other encoders
+  built on it (seresnext.py): `blocks` (3, 4, 23, 3) is the 101-layer trunk, `se_reduction` adds SE modules,
+  and `stem_stride=1, stem_pool=False` is the CoNIC HoVer-Net geometry (features at strides 1, 1, 1, 2, 4, 8).
   """
 
   def __init__(self, *, stem_width: int = 64, planes: Sequence[int] = (64, 128, 256, 512),
-               blocks: Sequence[int] = (3, 4, 6, 3), cardinality: int = CARDINALITY, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               blocks: Sequence[int] = (3, 4, 6, 3), cardinality: int = CARDINALITY, se_reduction: int = 0,
+               stem_stride: int = 2, stem_pool: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
     if cardinality < 1:
       raise ValueError(f'cardinality must be >= 1, got {cardinality}')
-    self.conv1 = _conv(3, stem_width, 7, 2, 3, dtype, rngs)
-    self.bn1 = _batch_norm(stem_width, dtype, rngs)
+    self.stem_pool = stem_pool
+    self.conv1 = conv(3, stem_width, 7, stem_stride, 3, dtype, rngs)
+    self.bn1 = batch_norm(stem_width, dtype, rngs)
     in_channels = stem_width
     layers = []
     for i, (p, n) in enumerate(zip(planes, blocks)):
       stride = 1 if i == 0 else 2
       layer = []
       for b in range(n):
-        layer.append(Bottleneck(in_channels, p, stride if b == 0 else 1, cardinality=cardinality, dtype=dtype,
-                                rngs=rngs))
+        layer.append(Bottleneck(in_channels, p, stride if b == 0 else 1, cardinality=cardinality,
+                                se_reduction=se_reduction, dtype=dtype, rngs=rngs))
         in_channels = p * _EXPANSION
       layers.append(nnx.List(layer))
     self.layer1, self.layer2, self.layer3, self.layer4 = layers
     self.out_channels = (3, stem_width) + tuple(p * _EXPANSION for p in planes)
 
   def __call__(self, x: jax.Array) -> list[jax.Array]:
-    """x: [B, H, W, 3] normalised, H and W multiples of 32 -> 6 features at strides 1, 2, 4, 8, 16, 32."""
+    """x: [B, H, W, 3] normalised, H and W multiples of 32 -> 6 features at strides 1, 2, 4, 8, 16, 32
+    (channels `out_channels`); with stem_stride=1, stem_pool=False: strides 1, 1, 1, 2, 4, 8."""
     features = [x]
     x = jax.nn.relu(self.bn1(self.conv1(x)))
     features.append(x)
-    x = max_pool_3x3_s2(x)
+    if self.stem_pool:
+      x = max_pool_3x3_s2(x)
     for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
       for block in layer:
         x = block(x)
