@@ -15,9 +15,7 @@ Figures only, never asserted.
 
 from collections.abc import Sequence
 import pathlib
-import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -25,9 +23,8 @@ from absl import flags
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import _machine  # noqa: E402  (benchmarks/_machine.py: scripts run with benchmarks/ on sys.path)
+from _timing import time_forward  # noqa: E402
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dualunet_jax import models  # noqa: E402
@@ -52,25 +49,6 @@ def graphdef_for(dtype: str):
                          nnx.Rngs(0))
   model.eval()
   return nnx.split(model)
-
-
-def time_forward(graphdef, state, size: int, batch: int, runs: int) -> tuple[float, float]:
-  """(compile seconds, median seconds per forward) of the eval forward on float32[batch, size, size, 3]."""
-
-  def forward(state, images):
-    return nnx.merge(graphdef, state)(images)
-
-  images = jax.random.uniform(jax.random.key(0), (batch, size, size, 3), jnp.float32)
-  t = time.perf_counter()
-  compiled = jax.jit(forward).lower(state, images).compile()
-  compile_s = time.perf_counter() - t
-  jax.block_until_ready(compiled(state, images))  # warm-up
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(state, images))
-    times.append(time.perf_counter() - t)
-  return compile_s, statistics.median(times)
 
 
 def main(argv: Sequence[str]) -> None:

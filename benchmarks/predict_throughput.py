@@ -47,7 +47,10 @@ def random_model(width: float, num_classes: int = 3):
 
 
 class DeviceOraclePredictor:
-  """Runs the real model, then swaps its outputs on the device for oracle maps of the same windows."""
+  """Runs the real model, then swaps its outputs on the device for oracle maps of the same windows.
+
+  `maps`: input name -> full-image (class_probs, density) at model resolution (an `engine.MapsPredictor`), or
+  any window-aware predictor serving such maps."""
   needs_windows = True
 
   def __init__(self, model, maps):
@@ -55,7 +58,7 @@ class DeviceOraclePredictor:
     import jax.numpy as jnp
     from dualunet_jax.inference import engine
     self.model = engine.model_predictor([model])
-    self.oracle = engine.MapsPredictor(maps)
+    self.oracle = engine.MapsPredictor(maps) if isinstance(maps, dict) else maps
     # nan_to_num: random weights can overflow, and inf * 0 would poison the oracle maps.
     zero = lambda x: jnp.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) * 0
     self.combine = jax.jit(lambda maps, oracle: {

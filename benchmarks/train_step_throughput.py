@@ -14,11 +14,8 @@ Figures only, never asserted.
 """
 
 from collections.abc import Sequence
-import functools
 import pathlib
-import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -27,14 +24,9 @@ from ml_collections import config_flags
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import _machine  # noqa: E402  (benchmarks/_machine.py: scripts run with benchmarks/ on sys.path)
+from _timing import fake_batch, make_train_step, shard_batch, time_steps  # noqa: E402
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-from dualunet_jax import models, optim, trainer  # noqa: E402
+from dualunet_jax import models, trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', str(REPO / 'configs' / 'demo.py'), 'Experiment config.')
 _WIDTHS = flags.DEFINE_list('width_multipliers', None, 'Width multipliers (default: the config\'s).')
@@ -45,45 +37,17 @@ _BATCH = flags.DEFINE_integer('batch_size', 0, 'Global batch (0 = the config\'s 
 _RUNS = flags.DEFINE_integer('runs', 8, 'Timed steps per variant (median reported).')
 
 
-def fake_batch(batch: int, size: int, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """uint8 images and targets of the right shapes and dtypes (timing does not depend on their values)."""
-  rng = np.random.default_rng(seed)
-  return {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-          'class_map': rng.integers(0, num_classes + 1, (batch, size, size), dtype=np.int32),
-          'density': rng.random((batch, size, size), dtype=np.float32)}
-
-
 def time_variant(config, width: float, cardinality: int, batch: dict, mesh, runs: int,
                  ) -> tuple[int, float, float]:
   """(parameters, compile seconds, median seconds per step) of one model variant."""
-  num_classes = config.dataset.num_classes
   with config.unlocked():
     config.model.width_multiplier = width
     config.model.cardinality = cardinality
-  model = models.fill_random(models.abstract_model(config.model, num_classes))
-  optimizer = nnx.Optimizer(model, optim.make_optimizer(config.train, steps_per_epoch=100), wrt=nnx.Param)
+  model = models.fill_random(models.abstract_model(config.model, config.dataset.num_classes))
   params = models.parameter_counts(model)['total']
-  graphdef, state = nnx.split((model, optimizer))
-  replicated = NamedSharding(mesh, P())
-  state = jax.device_put(state, replicated)
-  batch = jax.device_put(batch, NamedSharding(mesh, P('data')))
-  weights = jnp.full((num_classes + 1,), 1.0 / (num_classes + 1), jnp.float32)
-  step = jax.jit(functools.partial(trainer.train_step, graphdef, class_weights=weights,
-                                   config=config), donate_argnums=0)
-  key = jax.random.key(0)
-  t = time.perf_counter()
-  state, metrics = step(state, batch, key)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t
-  state, metrics = step(state, batch, key)  # warm-up
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    state, metrics = step(state, batch, key)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  return params, compile_s, statistics.median(times)
+  step, state = make_train_step(config, model, mesh)
+  compile_s, seconds, _ = time_steps(step, state, shard_batch(batch, mesh), runs)
+  return params, compile_s, seconds
 
 
 def main(argv: Sequence[str]) -> None:
