@@ -142,9 +142,10 @@ class MosaicOracle:
         dens[by0 - y0:by1 - y0, bx0 - x0:bx1 - x0] = d[by0 - r * b:by1 - r * b, bx0 - c * b:bx1 - c * b]
     return probs, dens
 
-  def __call__(self, images: np.ndarray, windows) -> tuple[np.ndarray, np.ndarray]:
+  def __call__(self, images: np.ndarray, windows) -> dict[str, np.ndarray]:
+    """DualU-Net's maps of the windows: {'class_probs': [B, h, w, K+1], 'density': [B, h, w, 1]}."""
     out = [self.window(w.name, w.y0, w.x0, w.height, w.width) for w in windows]
-    return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+    return {'class_probs': np.stack([o[0] for o in out]), 'density': np.stack([o[1] for o in out])[..., None]}
 
 
 def mosaic_layout(rows: int, cols: int, n_blocks: int) -> np.ndarray:

@@ -49,8 +49,8 @@ def random_model(width: float, num_classes: int = 3):
 class DeviceOraclePredictor:
   """Runs the real model, then swaps its outputs on the device for oracle maps of the same windows.
 
-  `maps`: input name -> full-image (class_probs, density) at model resolution (an `engine.MapsPredictor`), or
-  any window-aware predictor serving such maps."""
+  `maps`: input name -> full-image DualU-Net maps {'class_probs', 'density'} at model resolution (an
+  `engine.MapsPredictor`), or any window-aware predictor serving such maps."""
   needs_windows = True
 
   def __init__(self, model, maps):

@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.num_workers = 2  # grain worker processes (0 = in-process)
   config.dataset.prefetch = 2
   config.dataset.class_balanced_sampling = False  # HistoNeXt-style type-aware patch sampling
+  config.dataset.binary = False  # True: every nucleus is class 1 'nucleus' (binary methods: unet, unetpp)
   config.dataset.synthetic_train_size = 512  # synthetic dataset only: tiles per split
   config.dataset.synthetic_test_size = 64
   config.dataset.synthetic_tile_size = 256
@@ -114,6 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_epochs = 10
   config.train.keep_checkpoints = 3
   config.train.best_metric = 'f1_d'  # validation metric that selects the 'best' checkpoint
+  config.train.best_mode = 'max'  # 'max' | 'min' (e.g. best_metric 'loss': the method's validation loss)
+  config.train.early_stopping_patience = 0  # stop after this many validations without a new best (0 = never)
 
   # ---------------------------------------------------------------- evaluation
   config.eval = ml_collections.ConfigDict()

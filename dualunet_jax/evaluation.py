@@ -56,7 +56,7 @@ class _Transformed:
     return self.transform(self.source[i], i)
 
 
-class _Prefix:
+class Prefix:
   """The first `n` records of `source`."""
 
   def __init__(self, source: Any, n: int):
@@ -128,7 +128,7 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
   forward = make_forward(model, mesh, method) if isinstance(model, nnx.Module) else model
   num_classes = config.dataset.num_classes
   n = len(source) if not max_images else min(max_images, len(source))
-  source = _Prefix(source, n)
+  source = Prefix(source, n)
   if transform is not None:
     source = _Transformed(source, transform)
   accumulator = metrics_lib.MetricsAccumulator(num_classes, match_radius=config.eval.match_radius,

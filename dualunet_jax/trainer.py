@@ -119,6 +119,33 @@ def stain_statistics_for(source: Any, workdir: pathlib.Path) -> None:
   stain.save_statistics(workdir, stats)
 
 
+def validation_loss(model: nnx.Module, source: Any, config: ml_collections.ConfigDict, class_weights: np.ndarray,
+                    *, mesh: Mesh | None = None) -> float:
+  """The method's training loss in eval mode over the validation split (whole tiles, no augmentation),
+  averaged over batches weighted by their tiles: the early-stopping criterion of the HoVer-Net family and
+  the two-stage enhancement (`config.train.best_metric = 'loss'`, `best_mode = 'min'`)."""
+  method = methods.get(config)
+  graphdef, state = nnx.split(model)
+  weights = jnp.asarray(class_weights)
+
+  @jax.jit
+  def loss_of(state, batch):
+    m = nnx.merge(graphdef, state)
+    m.eval()
+    total, _ = method.loss(m(batch['image']), batch, weights, config)
+    return total
+
+  n = len(source) if not config.eval.max_val_images else min(len(source), config.eval.max_val_images)
+  total, count = 0.0, 0
+  for batch, records in pipeline.eval_batches(config, evaluation.Prefix(source, n),
+                                              batch_size=config.eval.batch_size, mesh=mesh):
+    k = len(records)  # padded rows (zeros) are cut off: at most one more compile, for the last batch
+    rows = {key: value[:k] for key, value in batch.items() if key != 'valid'}
+    total += float(loss_of(state, rows)) * k
+    count += k
+  return total / max(count, 1)
+
+
 def _say(message: str) -> None:
   """A line for the person at the terminal (process 0 only), kept clear of the progress bar."""
   if jax.process_index() == 0:
@@ -163,12 +190,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
        f'{steps_per_epoch} steps/epoch, {total_steps} steps')
 
   model, optimizer = create_train_state(config, num_classes, steps_per_epoch)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  start_step = 0
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                    best_mode=config.train.get('best_mode', 'max'))
+  patience = int(config.train.get('early_stopping_patience', 0))
+  start_step, since_best, stopped = 0, 0, False
   if ckpt.latest_step() is not None:
     meta = ckpt.restore(model, optimizer)
-    start_step = int(meta['step'])
-    _say(f'resumed from {workdir} at step {start_step}')
+    start_step, since_best = int(meta['step']), int(meta.get('since_best', 0))
+    stopped = bool(meta.get('early_stopped'))
+    _say(f'resumed from {workdir} at step {start_step}' +
+         (' (the run stopped early there: nothing left to do)' if stopped else ''))
 
   replicated = NamedSharding(mesh, P())
   graphdef, state = nnx.split((model, optimizer))
@@ -180,6 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   loader = pipeline.train_loader(config, train_source, mesh=mesh, start_step=start_step)
   base_key = jax.random.key(config.seed)
   end_step = total_steps if max_steps is None else min(total_steps, max_steps)
+  if stopped:
+    end_step = start_step
   val_metrics: dict[str, float] = {}
 
   from tqdm import tqdm
@@ -214,17 +247,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         model, optimizer = nnx.merge(graphdef, state)
         val_metrics = evaluation.evaluate(model, val_source, config, mesh=mesh,
                                           max_images=config.eval.max_val_images, desc='validate')
+        if config.train.best_metric == 'loss':
+          val_metrics['loss'] = validation_loss(model, val_source, config, class_weights, mesh=mesh)
         writer.write(step, val_metrics, 'val')
         value = val_metrics.get(config.train.best_metric)
         meta = {'step': step, 'epoch': epoch, 'val': val_metrics}
+        improved = False
         if value is not None and np.isfinite(value):  # NaN (e.g. an empty split) must not become the best
-          ckpt.maybe_save_best(step, model, optimizer, meta, float(value))
+          improved = ckpt.maybe_save_best(step, model, optimizer, meta, float(value))
+        since_best = 0 if improved else since_best + 1
         _say(f'step {step} (epoch {epoch}) validation: ' + ', '.join(
-            f'{k} {val_metrics[k]:.4f}' for k in ('f1_d', 'f1_c_mean', 'dice', 'bpq') if k in val_metrics))
+            f'{k} {val_metrics[k]:.4f}' for k in ('f1_d', 'f1_c_mean', 'dice', 'bpq', 'loss') if k in val_metrics))
+        if patience and since_best >= patience:
+          stopped, end_step = True, step
+          _say(f'early stopping: no better validation {config.train.best_metric} in {patience} validations')
       every = config.train.checkpoint_every_epochs
       if (epoch_done and every > 0 and epoch % every == 0) or step == end_step:
         model, optimizer = nnx.merge(graphdef, state)
-        ckpt.save(step, model, optimizer, {'step': step, 'epoch': epoch})
+        ckpt.save(step, model, optimizer, {'step': step, 'epoch': epoch, 'since_best': since_best,
+                                           'early_stopped': stopped})
   except KeyboardInterrupt:
     # Keep the work done so far: a resume continues from exactly this step.
     if step > start_step and ckpt.latest_step() != step:

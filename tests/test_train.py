@@ -1,5 +1,6 @@
 """Training and evaluation end to end on tiny synthetic data: smoke training, resume, devices, eval outputs."""
 
+import copy
 import functools
 import json
 import pathlib
@@ -142,6 +143,31 @@ def test_one_device_step_equals_four_device_step(data_dir):
   # Adam's first update is lr * sign(g): a near-zero gradient whose sign depends on the reduction order moves a
   # weight by +-lr, so parameters agree within 2 lr (lr = 2e-3 * 4 / 8).
   assert _max_abs_diff(p1, p4) <= 2 * 1e-3 + 1e-6
+
+
+def test_validation_loss_and_early_stopping(trained, tmp_path, data_dir):
+  workdir, config, _ = trained
+  model, _ = checkpointing.restore_for_inference(workdir, 'last')
+  source = sources.load_source(config.dataset, 'test')
+  weights = np.full((4,), 0.25, np.float32)
+  loss = trainer.validation_loss(model, source, config, weights)
+  assert np.isfinite(loss) and loss > 0
+  # 3 of the 4 tiles: a partial batch (padded rows cut off) gives a different, still finite mean.
+  fewer = copy.deepcopy(config)  # the fixture's config is shared by the module's tests
+  fewer.eval.max_val_images = 3
+  assert trainer.validation_loss(model, source, fewer, weights) != pytest.approx(loss)
+  # A constant metric never improves after the first validation: patience 1 stops at the second one.
+  config = tiny_config(data_dir)
+  config.train.eval_every_epochs = 1
+  config.train.best_metric = 'n_images'
+  config.train.best_mode = 'min'
+  config.train.early_stopping_patience = 1
+  trainer.train_and_evaluate(config, tmp_path / 'w')
+  steps = [r['step'] for r in metric_writers.read_metrics(tmp_path / 'w') if r['split'] == 'train']
+  assert steps == [1, 2, 3, 4]  # stopped after epoch 2 of 3
+  assert sorted(int(p.name) for p in (tmp_path / 'w' / 'checkpoints').iterdir()) == [2, 4]
+  trainer.train_and_evaluate(config, tmp_path / 'w')  # the same command again: nothing left to do
+  assert len([r for r in metric_writers.read_metrics(tmp_path / 'w') if r['split'] == 'train']) == 4
 
 
 def test_eval_cli_writes_complete_json_and_overlays(trained, data_dir):

@@ -104,16 +104,38 @@ def load_source(dataset_config, split: str, seed: int | None = None) -> Any:
   if split not in splits:
     raise DatasetError(f'dataset {_name(dataset_config)!r} has no split {split!r}; '
                        f'it has {", ".join(splits)}')
-  return builder.as_data_source(split=split)
+  source = builder.as_data_source(split=split)
+  return BinaryView(source) if dataset_config.get('binary', False) else source
+
+
+class BinaryView:
+  """A source whose nuclei are all class 1 ('nucleus'): `config.dataset.binary`, for binary segmentation
+  methods (U-Net, U-Net++) and binary runs of any method on a labelled dataset."""
+
+  def __init__(self, source: Any):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    import numpy as np
+    record = dict(self.source[index])
+    record['instance_classes'] = np.ones_like(np.asarray(record['instance_classes']))
+    return record
 
 
 def dataset_info(dataset_config) -> tuple[int, tuple[str, ...], float]:
   """(K, class names, microns per pixel of the stored images; 0 = unknown) without preparing anything.
 
   Folder datasets take their names from `config.dataset.class_names` and mpp from the optional
-  `config.dataset.source_mpp`; synthetic the first `num_classes` of its nucleus types.
+  `config.dataset.source_mpp`; synthetic the first `num_classes` of its nucleus types; with
+  `config.dataset.binary` every dataset has one class, 'nucleus'.
   """
   name = _name(dataset_config)
+  if dataset_config.get('binary', False):
+    mpp = float(dataset_config.get('source_mpp', 0.0)) if name == 'folder' else float(_module(name).MPP)
+    return 1, ('nucleus',), mpp
   if name == 'folder':
     names = tuple(str(c) for c in dataset_config.class_names)
     return len(names), names, float(dataset_config.get('source_mpp', 0.0))
