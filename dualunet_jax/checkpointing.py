@@ -53,9 +53,12 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def _abstract(tree: Any) -> Any:
-  """Shape/dtype/sharding of each leaf: tells Orbax where to place the restored arrays."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
-                      tree)
+  """Shape/dtype/sharding of each leaf: tells Orbax where to place the restored arrays. Leaves without a
+  sharding (an abstract model) go to the first local device, so a checkpoint saved on 8 devices restores in
+  a 1-device process (Orbax would otherwise insist on the saved topology)."""
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None) or default), tree)
 
 
 class Checkpointer:

@@ -72,12 +72,12 @@ def conv(cin: int, cout: int, kernel: int, *, stride: int = 1, groups: int = 1, 
          use_bias: bool = False) -> nnx.Conv:
   """A valid (unpadded) convolution with the official kaiming-normal fan-out initialisation."""
   return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding='VALID',
-                  feature_group_count=groups, use_bias=use_bias, kernel_init=resnext._CONV_INIT,
+                  feature_group_count=groups, use_bias=use_bias, kernel_init=resnext.CONV_INIT,
                   bias_init=jax.nn.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 def batch_norm(features: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  return resnext._batch_norm(features, dtype, rngs)
+  return resnext.batch_norm(features, dtype, rngs)
 
 
 class ResidualUnit(nnx.Module):
