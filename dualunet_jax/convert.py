@@ -431,8 +431,13 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   flag_values = flags.FLAGS
+  from dualunet_jax import methods
+  convert = convert_to_workdir
+  if methods.method_name(flag_values.config) == 'hovernet':  # the official HoVer-Net .tar / .npz checkpoints
+    from dualunet_jax import convert_hovernet
+    convert = convert_hovernet.convert_to_workdir
   try:
-    workdir = convert_to_workdir(flag_values['from'].value, flag_values.config, flag_values.workdir)
+    workdir = convert(flag_values['from'].value, flag_values.config, flag_values.workdir)
   except (ConversionError, checkpointing.CheckpointError) as e:
     raise SystemExit(f'error: {e}') from None
   logging.info('wrote %s; evaluate with: python -m dualunet_jax.eval --workdir=%s', workdir, workdir)
@@ -445,7 +450,8 @@ def run() -> None:
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py); fixes the dataset '
                                   '(num_classes must match the checkpoint).')
-  flags.DEFINE_string('from', None, 'Reference DualU-Net checkpoint (.pth, or .safetensors).')
+  flags.DEFINE_string('from', None, 'Reference DualU-Net checkpoint (.pth, or .safetensors); with a HoVer-Net '
+                      'config (config.method=hovernet) an official HoVer-Net .tar / .npz.')
   flags.DEFINE_string('workdir', None, 'New workdir to write config.json and the Orbax checkpoint into.')
   flags.mark_flags_as_required(['from', 'config', 'workdir'])
   app.run(main)

@@ -2,6 +2,8 @@
 `module.` keys, .npz encoders) into the Flax model, checked against the torch restatement
 (tests/_hovernet_torch.py) with random weights; key coverage and errors."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +115,27 @@ def test_errors_name_the_problem(tmp_path):
     convert_hovernet.infer_architecture({'conv0./.weight': (64, 3, 7, 7)})
   assert convert_hovernet.infer_architecture({'decoder.np.u3.conva.weight': (256, 1024, 5, 5),
                                               'decoder.tp.u0.conv.weight': (5, 64, 1, 1)}) == ('original', 4)
+
+
+def test_convert_cli_dispatches_on_the_method(tmp_path):
+  """`python -m dualunet_jax.convert` with a HoVer-Net config reads the official file into a workdir that the
+  shared restore loads (the same CLI as DualU-Net's reference checkpoints)."""
+  import subprocess
+  import sys
+  from dualunet_jax import checkpointing
+  net = ht.randomise(ht.HoVerNet(nr_types=5, mode='original', width=TINY), seed=2)
+  torch.save({'desc': net.state_dict()}, tmp_path / 'hovernet_original_consep.tar')
+  cmd = [sys.executable, '-m', 'dualunet_jax.convert', f'--from={tmp_path / "hovernet_original_consep.tar"}',
+         '--config=configs/hovernet_consep.py', f'--workdir={tmp_path / "w"}',
+         f'--config.model.width_multiplier={TINY}']
+  env = dict(__import__('os').environ, JAX_PLATFORMS='cpu')
+  done = subprocess.run(cmd, cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                        timeout=300, env=env)
+  assert done.returncode == 0, done.stderr[-2000:]
+  model, config = checkpointing.restore_for_inference(tmp_path / 'w')
+  assert config.method == 'hovernet' and config.model.hovernet_mode == 'original'
+  images = np.random.default_rng(1).integers(0, 256, (1, 270, 270, 3), dtype=np.uint8)
+  with torch.no_grad():
+    want = net(torch.from_numpy(images).permute(0, 3, 1, 2).float())['np'].permute(0, 2, 3, 1).numpy()
+  got = np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(images))['np'])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
