@@ -36,11 +36,14 @@ def time_forward(graphdef, state, size: int, batch: int, runs: int) -> tuple[flo
 
 
 def fake_batch(batch: int, size: int, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """uint8 images and targets of the right shapes and dtypes (timing does not depend on their values)."""
+  """uint8 images and every method's targets, of the right shapes and dtypes (timing does not depend on
+  their values): class and instance maps, DualU-Net's density, HoVer-Net's HV vectors."""
   rng = np.random.default_rng(seed)
-  return {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-          'class_map': rng.integers(0, num_classes + 1, (batch, size, size), dtype=np.int32),
-          'density': rng.random((batch, size, size), dtype=np.float32)}
+  class_map = rng.integers(0, num_classes + 1, (batch, size, size), dtype=np.int32)
+  return {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), 'class_map': class_map,
+          'instance_map': (class_map > 0).astype(np.int32),
+          'density': rng.random((batch, size, size), dtype=np.float32),
+          'hv': rng.uniform(-1, 1, (batch, size, size, 2)).astype(np.float32)}
 
 
 def make_train_step(config, model, mesh):

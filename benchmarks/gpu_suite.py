@@ -68,10 +68,15 @@ DEFAULT_STEP_BUDGETS = {'device_ceiling': 20, 'forward': 130, 'train_step': 100,
 FINAL_RESERVE_S = 5.0
 
 # The full-size methods: (label, config overrides on configs/consep.py). Every model the suite measures is
-# built by `_build_model`, the one place to switch when `config.method` selects the method.
+# built by `_build_model` through the method registry (`config.method`). The predict and full-training steps
+# run the first (DualU-Net ResNeXt-50); forward and train-step throughput run every row.
 MODELS = (
     ('dualunet_resnext50', {'model.encoder': 'resnext50_32x4d'}),
     ('dualunet_convnext_base', {'model.encoder': 'convnext_base'}),
+    # Valid convolutions: a side-S input gives (S - 92)^2 ('fast') or (S - 190)^2 ('original') outputs.
+    ('hovernet_fast', {'method': 'hovernet', 'model.hovernet_mode': 'fast', 'model.encoder': 'preact_resnet50'}),
+    ('hovernet_original', {'method': 'hovernet', 'model.hovernet_mode': 'original',
+                           'model.encoder': 'preact_resnet50'}),
 )
 TINY_ENCODER = 'dry_run_tiny'
 DRY_RUN_MODELS = ((TINY_ENCODER, {'model.encoder': TINY_ENCODER}),)
@@ -196,9 +201,10 @@ def _build_model(config, rngs=None):
   from flax import nnx
   from dualunet_jax import models
   rngs = rngs if rngs is not None else nnx.Rngs(int(config.get('seed', 0)))
+  from dualunet_jax import methods
   if config.model.encoder == TINY_ENCODER:
     return _tiny_dual_net_class()(config.dataset.num_classes, models.compute_dtype(config.model.dtype), rngs=rngs)
-  return models.build_model(config.model, config.dataset.num_classes, rngs=rngs)
+  return methods.get(config).build_model(config, config.dataset.num_classes, rngs=rngs)
 
 
 def _random_model(config):
@@ -375,8 +381,8 @@ def step_forward(ctx: 'Suite', clock: Clock) -> dict:
         config = make_config(overrides)
         model = _random_model(config)
         _, state = nnx.split(model)
-        from dualunet_jax import models
-        built[label] = (config, model, state, models.parameter_counts(model)['total'])
+        from dualunet_jax import methods
+        built[label] = (config, model, state, methods.get(config).parameter_counts(model)['total'])
       config, model, state, params = built[label]
       if (label, dtype) not in graphdefs:
         abstract = nnx.eval_shape(lambda rngs: _build_model(make_config(overrides, dtype), rngs), nnx.Rngs(0))
