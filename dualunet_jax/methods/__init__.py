@@ -17,6 +17,8 @@ from dualunet_jax.methods.base import Method
 _REGISTRY = {
     'dualunet': 'dualunet_jax.methods.dualunet:DualUNetMethod',
     'hovernet': 'dualunet_jax.methods.hovernet:HoVerNetMethod',
+    'conic': 'dualunet_jax.methods.hovernet:ConicMethod',
+    'histonext': 'dualunet_jax.methods.hovernet:HistoNeXtMethod',
     'unet': 'dualunet_jax.methods.binary:UNetMethod',
     'unetpp': 'dualunet_jax.methods.binary:UNetPlusPlusMethod',
 }

@@ -155,18 +155,23 @@ class HoVerNetMethod(base.Method):
                              width_multiplier=float(config.model.width_multiplier),
                              dtype=models.compute_dtype(config.model.dtype), rngs=rngs)
 
+  def target_margin(self, config: Any) -> int:
+    """Context px per side the model consumes: the HV rule 'too little of the nucleus inside the output'
+    (`hv_targets.hv_map`'s `margin`) is judged on the output crop."""
+    from dualunet_jax.models import hovernet
+    return hovernet.MARGINS[self.mode(config)]
+
   def encoder_init(self, model: nnx.Module, path: str) -> None:
     from dualunet_jax import convert_hovernet  # torch only when asked for
     convert_hovernet.load_encoder_weights(model, path)
 
   def make_targets(self, instance_map: np.ndarray, instance_classes: np.ndarray, config: Any) -> dict[str, np.ndarray]:
     from dualunet_jax.data import hv_targets
-    from dualunet_jax.models import hovernet
     inst = np.asarray(instance_map, np.int32)
     lut = np.concatenate([np.zeros(1, np.int32), np.asarray(instance_classes, np.int32).reshape(-1)])
     hv = hv_targets.hv_map(inst, min_size=int(config_field(config.targets, 'hv_min_size',
                                                            hv_targets.OFFICIAL_MIN_SIZE)),
-                           margin=hovernet.MARGINS[self.mode(config)])
+                           margin=self.target_margin(config))
     return {'class_map': lut[inst], 'instance_map': inst, 'hv': hv}
 
   def loss(self, outputs, batch, class_weights, config):
@@ -187,3 +192,46 @@ class HoVerNetMethod(base.Method):
 
   def oracle_maps(self, instance_map, instance_classes, num_classes, config) -> dict[str, np.ndarray]:
     return postprocess_hv.oracle_maps(instance_map, instance_classes, num_classes)
+
+
+class ConicMethod(HoVerNetMethod):
+  """The CoNIC-challenge framework (seed 002) as a method: `models.conic_net.ConicNet` (SE-ResNeXt-50/101
+  encoder, ONE merged HoVer-Net decoder with dropout after each upsampling, single-convolution NP / HV / NC
+  heads, same-size outputs) with HoVer-Net's targets, loss terms and post-processing; the paper's loss
+  weights (NP CE 2 + Dice 2, NC CE 3 + Dice 1, HV MSE 2 + MSGE 2) are set by configs/conic.py."""
+  name = 'conic'
+
+  def build_model(self, config: Any, num_classes: int, *, rngs: nnx.Rngs) -> nnx.Module:
+    from dualunet_jax import models
+    from dualunet_jax.models import conic_net, resnext
+    return conic_net.ConicNet(encoder=config.model.encoder, num_classes=num_classes,
+                              width_multiplier=float(config.model.width_multiplier),
+                              cardinality=int(config_field(config.model, 'cardinality', resnext.CARDINALITY)),
+                              dropout_rate=float(config_field(config.model, 'dropout_rate',
+                                                              conic_net.DROPOUT_RATE)),
+                              dtype=models.compute_dtype(config.model.dtype), rngs=rngs)
+
+  def target_margin(self, config: Any) -> int:
+    return 0  # same-size outputs
+
+  def encoder_init(self, model: nnx.Module, path: str) -> None:
+    from dualunet_jax.models import seresnext  # timm SE-ResNeXt ImageNet weights (.safetensors / .pth)
+    seresnext.load_seresnext_weights(model.encoder, path)
+
+
+class HistoNeXtMethod(HoVerNetMethod):
+  """HistoNeXt (seed 004) as a method: `models.histonext.HistoNeXt` (ConvNeXt encoder, dense-block NP and HV
+  branches, ConvCAM type branch, 270 -> 80 valid geometry) with HoVer-Net's targets, post-processing and
+  loss terms. Not yet the paper's own losses (asymmetric NP, focal TP, 5x5-Sobel MSGE): HoVer-Net's stand in."""
+  name = 'histonext'
+
+  def build_model(self, config: Any, num_classes: int, *, rngs: nnx.Rngs) -> nnx.Module:
+    from dualunet_jax import models
+    from dualunet_jax.models import histonext
+    return histonext.HistoNeXt(variant=str(config_field(config.model, 'histonext_variant', 'tiny')),
+                               num_classes=num_classes, width_multiplier=float(config.model.width_multiplier),
+                               dtype=models.compute_dtype(config.model.dtype), rngs=rngs)
+
+  def target_margin(self, config: Any) -> int:
+    from dualunet_jax.models import histonext
+    return histonext.MARGIN

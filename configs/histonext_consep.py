@@ -1,0 +1,31 @@
+"""HistoNeXt (seed 004) on CoNSeP: ConvNeXt encoder, dense-block NP / HV branches, ConvCAM type branch,
+270² crops in, 80² out (the paper's geometry).
+
+    python -m dualunet_jax.train --config=configs/histonext_consep.py --workdir=workdirs/histonext_tiny \
+        --config.dataset.manual_dir=.data/CoNSeP [--config.model.histonext_variant=base]
+    python -m dualunet_jax.summary --config=configs/histonext_consep.py --sizes=270
+
+CoNSeP here has FOUR merged classes (malignant and normal epithelial are one class); the paper's five-class
+CoNSeP table (HistoNeXt-Tiny: Dice 0.843, AJI 0.592, PQ 0.532, F1 0.773) is therefore not directly comparable
+for the class scores. Kept from the paper: Adam 1e-4, x0.1 every 25 epochs, early stopping with patience 20 on
+the validation loss, checkpoints every 5 epochs. Not yet here: the paper's asymmetric NP and focal TP losses
+(HoVer-Net's stand in, methods/hovernet.py), two-phase training (frozen encoder first) and its augmentation set.
+"""
+
+from configs import hovernet_consep
+
+
+def get_config(variant: str = 'tiny'):
+  config = hovernet_consep.get_config('original')
+  config.method = 'histonext'
+  config.model.encoder = f'convnext_{variant or "tiny"}'  # informational: the variant picks the encoder
+  config.model.histonext_variant = variant or 'tiny'
+  config.dataset.crop_size = 270
+  config.train.epochs = 100
+  config.train.lr_milestones = (25, 50, 75)
+  config.train.eval_every_epochs = 5
+  config.train.checkpoint_every_epochs = 5
+  config.train.best_metric = 'loss'
+  config.train.best_mode = 'min'
+  config.train.early_stopping_patience = 4  # validations every 5 epochs: 20 epochs, the paper's patience
+  return config

@@ -1,0 +1,53 @@
+"""The CoNIC framework and HistoNeXt as methods: built from their configs through the registry, full-size
+parameter counts by abstract evaluation, and the shared loss / maps / TTA contract on tiny models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import conic, histonext_consep
+from dualunet_jax import methods
+from dualunet_jax.methods import base
+
+
+def test_full_size_models_from_their_configs():
+  config = conic.get_config()
+  method = methods.get(config)
+  model = method.abstract_model(config, 6)
+  assert method.name == 'conic' and base.margin_of(model) == 0
+  # SE-ResNeXt-50 trunk (timm, 25,510,896) + merged decoder and heads, tests/test_conic_net.py
+  assert method.parameter_counts(model)['total'] == 31_622_587
+  config = histonext_consep.get_config()
+  method = methods.get(config)
+  model = method.abstract_model(config, 4)
+  assert method.name == 'histonext' and base.margin_of(model) == 95
+  assert 80e6 < method.parameter_counts(model)['total'] < 85e6  # paper: HistoNeXt-Tiny 82.6 M
+
+
+def test_conic_tiny_loss_maps_and_targets(fixtures_dir):
+  from dualunet_jax import models
+  from dualunet_jax.data import consep
+  config = conic.get_config()
+  config.model.width_multiplier = 0.125
+  config.model.cardinality = 1
+  method = methods.get(config)
+  model = models.fill_random(method.abstract_model(config, 4))
+  record = consep.read_tile(fixtures_dir / 'imgs' / 'patch1.png', fixtures_dir / 'masks' / 'patch1.mat')
+  inst, cls = record['instance_map'][:64, :64], record['instance_classes']
+  from dualunet_jax.data import targets
+  inst, old = targets.relabel_contiguous(inst)
+  t = method.make_targets(inst, np.maximum(cls[old - 1], 1), config)
+  assert t['hv'].shape == (64, 64, 2) and np.abs(t['hv']).max() <= 1.0
+  batch = {k: jnp.asarray(v[None]) for k, v in t.items()}
+  batch['image'] = jnp.asarray(record['image'][None, :64, :64])
+  model.eval()
+  outputs = model(batch['image'])
+  total, parts = method.loss(outputs, batch, jnp.ones((5,)) / 5, config)
+  assert np.isfinite(float(total)) and set(parts) >= {'np_ce', 'hv_mse', 'tp_dice', 'total'}
+  # The paper's weights: total = 2 CE_np + 2 Dice_np + 2 MSE + 2 MSGE + 3 CE_tp + 1 Dice_tp.
+  want = 2 * (parts['np_ce'] + parts['np_dice'] + parts['hv_mse'] + parts['hv_msge']) + 3 * parts['tp_ce'] \
+      + parts['tp_dice']
+  np.testing.assert_allclose(float(total), float(want), rtol=1e-5)
+  maps = method.maps(outputs)
+  assert maps['class_probs'].shape == (1, 64, 64, 5) and maps['hv'].shape == (1, 64, 64, 2)
+  np.testing.assert_allclose(np.asarray(maps['class_probs']).sum(-1), 1.0, atol=1e-5)
