@@ -123,3 +123,26 @@ def test_csv_maps_overlay_composition_agree(run):
   assert sum(c['fraction'] for c in comp['classes'].values()) == pytest.approx(1.0, abs=1e-5)
   table = list(csv.DictReader(open(out / 'composition.csv')))
   assert table[0]['image'] == 'tile' and int(table[0]['total']) == len(rows)
+
+
+def test_unclassified_nuclei_are_named_not_mislabelled(tmp_path):
+  """A class-0 nucleus (HoVer-Net's type vote can return background) is exported as 'unclassified', never as
+  the last class (class_names[-1])."""
+  from dualunet_jax.inference import exporters, tiling
+  res = tiling.empty_result()
+  ring = np.array([[0, 0], [2, 0], [2, 2], [0, 2], [0, 0]], np.float32)
+  res.update({'y': np.array([1.0, 5.0]), 'x': np.array([1.0, 5.0]), 'cls': np.array([0, 2], np.int32),
+              'area': np.array([4, 4], np.int32), 'prob': np.array([0.6, 0.9], np.float32),
+              'class_probs': np.zeros((2, 4), np.float32), 'bbox': np.zeros((2, 4), np.int32),
+              'poly': np.concatenate([ring, ring + 4]), 'poly_len': np.array([5, 5], np.int32),
+              'mask_len': np.zeros(2, np.int32)})
+  chunks = lambda: iter([(np.array([1, 2]), res)])
+  names = ('lymphocyte', 'epithelial', 'spindle')
+  exporters.write_csv(tmp_path / 'n.csv', chunks, names, 1.0, 0.5)
+  rows = list(csv.DictReader(open(tmp_path / 'n.csv')))
+  assert [r['class_name'] for r in rows] == ['unclassified', 'epithelial']
+  for points in (False, True):
+    exporters.write_geojson(tmp_path / 'n.geojson', chunks, names, 1.0, 0.5, points=points)
+    fc = json.loads((tmp_path / 'n.geojson').read_text())
+    validate_feature_collection(fc)
+    assert {f['properties']['classification']['name'] for f in fc['features']} == {'unclassified', 'epithelial'}

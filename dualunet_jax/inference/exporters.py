@@ -166,19 +166,29 @@ def _ring_text(ring: np.ndarray) -> str:
   return '[' + ','.join(f'[{x:.2f},{y:.2f}]' for x, y in ring.tolist()) + ']'
 
 
+UNCLASSIFIED = 'unclassified'  # class 0: a nucleus no class won (HoVer-Net's type vote can say background)
+UNCLASSIFIED_COLOR = (128, 128, 128)
+
+
+def class_name(class_names: Sequence[str], c: int) -> str:
+  """Name of class c (1..K), or `UNCLASSIFIED` for 0."""
+  return class_names[c - 1] if c > 0 else UNCLASSIFIED
+
+
 def write_geojson(path: pathlib.Path, chunks: Chunks, class_names: Sequence[str], scale: float,
                   model_mpp: float, points: bool = False) -> None:
   """QuPath-importable GeoJSON (module docstring). Streams: one chunk in memory at a time."""
   colors = class_colors(len(class_names))
 
   def classification(c: int) -> str:
-    return json.dumps({'name': class_names[c - 1], 'color': list(colors[c - 1])})
+    color = list(colors[c - 1]) if c > 0 else list(UNCLASSIFIED_COLOR)
+    return json.dumps({'name': class_name(class_names, c), 'color': color})
 
   with atomic_write(path) as f:
     f.write('{"type": "FeatureCollection", "features": [\n')
     first = True
     if points:
-      for c in range(1, len(class_names) + 1):
+      for c in range(0, len(class_names) + 1):
         coords = []
         for _, res in chunks():
           sel = res['cls'] == c
@@ -188,10 +198,10 @@ def write_geojson(path: pathlib.Path, chunks: Chunks, class_names: Sequence[str]
           continue
         f.write(('' if first else ',\n') + '{"type": "Feature", "geometry": {"type": "MultiPoint", '
                 f'"coordinates": [{",".join(coords)}]}}, "properties": {{"objectType": "annotation", '
-                f'"name": {json.dumps(class_names[c - 1])}, "classification": {classification(c)}}}}}')
+                f'"name": {json.dumps(class_name(class_names, c))}, "classification": {classification(c)}}}}}')
         first = False
     else:
-      cls_text = {c: classification(c) for c in range(1, len(class_names) + 1)}
+      cls_text = {c: classification(c) for c in range(0, len(class_names) + 1)}
       for ids, res in chunks():
         offsets = np.concatenate([[0], np.cumsum(res['poly_len'])])
         polys = res['poly'] * scale
@@ -215,7 +225,7 @@ def write_csv(path: pathlib.Path, chunks: Chunks, class_names: Sequence[str], sc
     for ids, res in chunks():
       for i, x, y, c, a, p in zip(ids.tolist(), (res['x'] * scale).tolist(), (res['y'] * scale).tolist(),
                                   res['cls'].tolist(), res['area'].tolist(), res['prob'].tolist()):
-        w.writerow([i, f'{x:.2f}', f'{y:.2f}', c, class_names[c - 1], f'{a * scale * scale:.1f}',
+        w.writerow([i, f'{x:.2f}', f'{y:.2f}', c, class_name(class_names, c), f'{a * scale * scale:.1f}',
                     f'{a * model_mpp ** 2:.2f}', f'{p:.4f}'])
 
 
