@@ -125,7 +125,9 @@ def validation_loss(model: nnx.Module, source: Any, config: ml_collections.Confi
   averaged over batches weighted by their tiles: the early-stopping criterion of the HoVer-Net family and
   the two-stage enhancement (`config.train.best_metric = 'loss'`, `best_mode = 'min'`)."""
   method = methods.get(config)
+  mesh = mesh or make_mesh()
   graphdef, state = nnx.split(model)
+  state = jax.device_put(state, NamedSharding(mesh, P()))  # replicated, as the batches are sharded on the mesh
   weights = jnp.asarray(class_weights)
 
   @jax.jit
