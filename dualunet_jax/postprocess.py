@@ -22,13 +22,14 @@ Host side (numpy / scipy / scikit-image), one tile at a time, parallel over tile
 The reference used OpenCV for steps 3-4; they are restated with `scipy.ndimage.label` (same components, same
 raster order of labels; label values never influence the segmentation). `_postprocess_reference` keeps a plain
 whole-image restatement; `postprocess` gives the identical output faster (checked in
-tests/test_postprocess.py):
+tests/test_postprocess.py and tests/test_postprocess_exact.py):
 - `h_maxima` never reconstructs: a pixel is selected iff the component of {r > T} around it (T = its value
   minus h, in float32) holds no pixel of the reconstruction seed above T, which local certificates decide
   for almost every local maximum (exact, see its docstring);
 - seeds, the boundary cut, majority vote and centroids are vectorised (`bincount`, array shifts), with no
   per-instance masks.
-The watershed itself stays one whole-image call (see the comment in `postprocess`).
+- the watershed runs only on foreground components with two or more marker labels, on their bounding box,
+  unless two markers of one component tie (then one whole-image call); see `_watershed`.
 
 `marker='peak_local_max'` (not in the reference) replaces steps 2-4 by skimage `peak_local_max(r,
 min_distance, threshold_abs=threshold, exclude_border=False)`, one marker per peak.
@@ -271,6 +272,12 @@ def h_maxima(r: np.ndarray, h: float) -> np.ndarray:
 def _hmaxima_markers(r: np.ndarray, h: float) -> np.ndarray:
   """Steps 2-4: int32[H, W] markers 1..M from the h-maxima of the rescaled map."""
   hmax = h_maxima(r, h)  # uint8, all zero when h > ptp(r)
+  idx = np.flatnonzero(hmax)
+  if not (hmax[1:] & hmax[:-1]).any() and not (hmax[:, 1:] & hmax[:, :-1]).any():
+    # Usual case: isolated pixels, each its own component, seed and marker (numbered in raster order).
+    markers = np.zeros(r.size, np.int32)
+    markers[idx] = np.arange(1, idx.size + 1, dtype=np.int32)
+    return markers.reshape(r.shape)
   comps, n = ndi.label(hmax, structure=_CROSS)
   seeds = np.zeros(r.shape, np.uint8)
   if n:
@@ -307,6 +314,63 @@ def markers_from_density(density: np.ndarray, *, marker: str = 'hmaxima', h: flo
   if marker == 'hmaxima':
     return _hmaxima_markers(r, float(h))
   return _peak_markers(r, min_distance, threshold)
+
+
+def _watershed(fg: np.ndarray, markers: np.ndarray, compactness: float) -> np.ndarray:
+  """Steps 6-7: skimage `watershed(-distance_transform_edt(fg), markers, mask=fg, compactness)`, identical.
+
+  The watershed floods the 4-connected components of fg independently (its connectivity 1), and a component's
+  result depends only on the order of its own heap items: items compare by (value, age), ages are unique and
+  grow with every push of the whole image, so two runs order a component's items alike as long as no two of
+  them share both value and age, i.e. unless two of its markers (all age 0) have equal distances, which is
+  the only place where the global heap's layout (every marker of the image) breaks the tie. Hence:
+  - a component without markers stays 0, one holding a single marker label takes that label everywhere;
+  - components with two or more labels and pairwise different marker distances are flooded together in one
+    call on their bounding box (distances from that box grown by 1: the nearest background pixel of a
+    component's pixel lies inside it, as the first pixel past the component along its row or column does);
+  - if a component's markers tie, the one global call is made, as the reference does.
+  """
+  comps, n = ndi.label(fg, structure=_CROSS)
+  ws = np.zeros(fg.shape, np.int32)
+  mpos = np.flatnonzero(markers.ravel() * fg.ravel())
+  if mpos.size == 0:
+    return ws
+  mlab = markers.ravel()[mpos]
+  mcomp = comps.ravel()[mpos]
+  lo = np.full(n + 1, np.iinfo(np.int32).max, np.int32)
+  hi = np.zeros(n + 1, np.int32)
+  np.minimum.at(lo, mcomp, mlab)
+  np.maximum.at(hi, mcomp, mlab)
+  multi = hi > lo
+  lut = np.where(hi == lo, hi, 0).astype(np.int32)
+  lut[0] = 0
+  ws = lut[comps]
+  if not multi.any():
+    return ws
+  inside = multi[comps]
+  rows = np.flatnonzero(inside.any(axis=1))
+  cols = np.flatnonzero(inside.any(axis=0))
+  hgt, wid = fg.shape
+  y0, y1 = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, hgt)
+  x0, x1 = max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, wid)
+  box = fg[y0:y1, x0:x1]
+  whole = (y1 - y0) * (x1 - x0) > 0.6 * fg.size or box.all()  # (no background in the box: scipy's own rule)
+  dist = ndi.distance_transform_edt(fg) if whole else None
+  dbox = dist[y0:y1, x0:x1] if whole else ndi.distance_transform_edt(box)
+  sel = multi[mcomp]
+  my, mx = np.divmod(mpos[sel], wid)
+  v, c = dbox[my - y0, mx - x0], mcomp[sel]
+  order = np.lexsort((v, c))
+  v, c = v[order], c[order]
+  if ((c[1:] == c[:-1]) & (v[1:] == v[:-1])).any():
+    if dist is None:
+      dist = ndi.distance_transform_edt(fg)
+    return segmentation.watershed(-dist, markers, mask=fg, compactness=compactness)
+  ibox = inside[y0:y1, x0:x1]
+  sub = segmentation.watershed(-dbox, np.where(ibox, markers[y0:y1, x0:x1], 0), mask=ibox, compactness=compactness)
+  wbox = ws[y0:y1, x0:x1]
+  wbox[ibox] = sub[ibox]
+  return ws
 
 
 def cut_touching(ws: np.ndarray) -> np.ndarray:
@@ -400,11 +464,7 @@ def postprocess(class_probs: np.ndarray, density: np.ndarray, *, marker: str = '
   if num_classes is None:
     num_classes = k if k is not None else int(a.max(initial=0))
   markers = markers_from_density(density, marker=marker, h=h, min_distance=min_distance, threshold=threshold)
-  fg = a > 0
-  # One global call, as the reference: the compact watershed's heap gives equal-priority markers the same age,
-  # so their pop order (and hence tie-breaks far away) depends on every marker of the image; splitting it per
-  # foreground component changes a few boundary pixels.
-  ws = segmentation.watershed(-ndi.distance_transform_edt(fg), markers, mask=fg, compactness=compactness)
+  ws = _watershed(a > 0, markers, compactness)
   return _finish(ws, a, num_classes, relabel_connectivity)
 
 

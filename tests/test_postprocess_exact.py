@@ -136,3 +136,36 @@ def test_postprocess_identical_to_reference_on_consep_256_crops(consep_official)
     _assert_same(pp.postprocess(cm, dens, num_classes=4), ref, name)
     counts[name] = ref.num_instances
   assert len(counts) == 126 and counts['test_10[256:512, 256:512]'] == 69
+
+
+@pytest.mark.parametrize('rays,windows,max_labels', [((), (), 10 ** 9), ((), (2, 5), 10 ** 9), ((2,), (), 0)])
+def test_h_maxima_each_certificate_alone_is_exact(monkeypatch, rays, windows, max_labels):
+  # Every stage decides on its own: windows only, whole-image labels only, and skimage past the cap.
+  monkeypatch.setattr(pp, '_RAYS', rays)
+  monkeypatch.setattr(pp, '_WINDOWS', windows)
+  monkeypatch.setattr(pp, '_MAX_WHOLE_IMAGE_LABELS', max_labels)
+  rng = np.random.default_rng(3)
+  for i in range(60):
+    r = pp.rescale(_adversarial_density(rng, SHAPES[i % len(SHAPES)]))
+    np.testing.assert_array_equal(pp.h_maxima(r, 0.15), morphology.h_maxima(r, 0.15), err_msg=f'map {i}')
+
+
+def test_watershed_components_split_tie_and_whole_paths():
+  from skimage import segmentation  # pylint: disable=import-outside-toplevel
+  fg = np.zeros((40, 60), bool)
+  fg[2:9, 2:9] = True  # no marker: stays 0
+  fg[2:9, 20:27] = True  # one marker
+  fg[20:27, 2:20] = True  # two markers at distances 4 and 2: split path
+  fg[20:27, 30:58] = True  # two markers at equal distance 4: the heap's global tie order decides
+  markers = np.zeros(fg.shape, np.int32)
+  for i, (y, x) in enumerate([(5, 23), (23, 5), (21, 14), (23, 36), (23, 50)], start=1):
+    markers[y, x] = i
+  dist = ndi.distance_transform_edt(fg)
+  assert dist[23, 5] != dist[21, 14] and dist[23, 36] == dist[23, 50]
+  for compactness in (0.0, 1.0):
+    want = segmentation.watershed(-dist, markers, mask=fg, compactness=compactness)
+    np.testing.assert_array_equal(pp._watershed(fg, markers, compactness), want)
+    no_tie = np.where(markers == 5, 0, markers)  # without the tie: one call on the bounding box of the split
+    want = segmentation.watershed(-dist, no_tie, mask=fg, compactness=compactness)
+    np.testing.assert_array_equal(pp._watershed(fg, no_tie, compactness), want)
+  assert (pp._watershed(fg, markers, 1.0)[2:9, 2:9] == 0).all()
