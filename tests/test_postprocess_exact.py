@@ -97,8 +97,8 @@ def test_postprocess_identical_to_reference_on_adversarial_maps():
     probs = np.eye(k + 1, dtype=np.float32)[cm] + 0.3 * rng.random(shape + (k + 1,), np.float32)
     kw = options[i % len(options)]
     for p in (cm, probs):
-      _assert_same(pp.postprocess(p, dens, num_classes=k, **kw), pp._postprocess_reference(p, dens, num_classes=k, **kw),
-                   f'map {i} {kw}')
+      want = pp._postprocess_reference(p, dens, num_classes=k, **kw)
+      _assert_same(pp.postprocess(p, dens, num_classes=k, **kw), want, f'map {i} {kw}')
 
 
 def test_postprocess_identical_to_reference_on_trained_model_maps():
@@ -110,8 +110,8 @@ def test_postprocess_identical_to_reference_on_trained_model_maps():
     r = pp.rescale(dens)
     np.testing.assert_array_equal(pp.h_maxima(r, 0.15), morphology.h_maxima(r, 0.15), err_msg=name)
     for kw in ({}, {'h': 0.05}, {'relabel_connectivity': 2}):
-      _assert_same(pp.postprocess(cm, dens, num_classes=4, **kw), pp._postprocess_reference(cm, dens, num_classes=4, **kw),
-                   f'{name} {kw}')
+      want = pp._postprocess_reference(cm, dens, num_classes=4, **kw)
+      _assert_same(pp.postprocess(cm, dens, num_classes=4, **kw), want, f'{name} {kw}')
 
 
 def _consep_oracle_crops(consep_dir: pathlib.Path):
