@@ -1,17 +1,23 @@
-"""Post-processing throughput (tiles/s) on real CoNSeP-derived outputs: `postprocess_batch` / a warm
-`PostProcessor` with 2 worker processes vs a one-tile-at-a-time loop of the plain reference restatement.
+"""Post-processing throughput (tiles/s): `postprocess` against the plain restatement of the reference
+(`_postprocess_reference`) measured in the same run, one process and a warm worker pool, at 256² and 1000².
 
     python benchmarks/postprocess_throughput.py --consep_dir=.data/CoNSeP [--tiles=2 --repeats=3 --workers=2]
 
-Inputs: oracle outputs (one-hot classes, sigma-5 target density) of real CoNSeP Test tiles, with smooth noise
-added to the density (a Gaussian-filtered normal field, std 0.02: a few spurious maxima and negative values,
-as in a trained model's output). 256^2 tiles are crops of the same 1000^2 tiles. Prints medians over repeats
-and the speed-up ratio; never asserted.
+Maps (each line says which):
+- `noisy oracle`: ideal outputs of real CoNSeP Test tiles (one-hot classes, sigma-5 target density) plus smooth
+  noise on the density (a Gaussian-filtered normal field, std 0.02: spurious maxima and negative values);
+  256² maps are 9 crops of each 1000² tile (the previous version of this benchmark);
+- `clean oracle`: the same without noise (a flat background, as a well-trained model's);
+- `trained model`: the four 256² crops of tests/data/postprocess_model_maps.npz (a width-1/8 model trained
+  300 steps on CoNSeP: rough maps with ~3,000 local maxima per crop).
+Timings are medians over --repeats of the whole set; ratios are against the restatement in the same run,
+one process each (pool figures use --workers processes). Nothing is asserted.
 """
 
 import argparse
 import itertools
 import os
+import pathlib
 import statistics
 import sys
 import time
@@ -26,16 +32,24 @@ from dualunet_jax import oracle  # noqa: E402
 from dualunet_jax.data import consep  # noqa: E402
 from dualunet_jax import postprocess as pp  # noqa: E402
 
+MODEL_MAPS = pathlib.Path(__file__).resolve().parents[1] / 'tests' / 'data' / 'postprocess_model_maps.npz'
 
-def _inputs(consep_dir: str, n: int, seed: int = 0):
+
+def _oracle_maps(consep_dir: str, n: int, noise: float, seed: int = 0):
   rng = np.random.default_rng(seed)
   probs, dens = [], []
   for rec in itertools.islice(consep.iter_split(consep_dir, 'test'), n):
     p, d = oracle.oracle_outputs(rec['instance_map'], rec['instance_classes'], 4, sigma=5.0)
-    noise = ndi.gaussian_filter(rng.normal(0, 1, d.shape), 2.0)
+    if noise:
+      field = ndi.gaussian_filter(rng.normal(0, 1, d.shape), 2.0)
+      d = d + noise * field / field.std()
     probs.append(p)
-    dens.append((d + 0.02 * noise / noise.std()).astype(np.float32))
+    dens.append(d.astype(np.float32))
   return probs, dens
+
+
+def _crops(maps):
+  return [m[y:y + 256, x:x + 256] for m in maps for y in (0, 372, 744) for x in (0, 372, 744)]
 
 
 def _time(fn, repeats: int) -> float:
@@ -55,21 +69,26 @@ def main() -> None:
   parser.add_argument('--workers', type=int, default=2)
   args = parser.parse_args()
   print(f'machine: {_machine.describe()}')
-  probs, dens = _inputs(args.consep_dir, args.tiles)
-  crops_p = [p[y:y + 256, x:x + 256] for p in probs for y in (0, 372, 744) for x in (0, 372, 744)]
-  crops_d = [d[y:y + 256, x:x + 256] for d in dens for y in (0, 372, 744) for x in (0, 372, 744)]
-  with pp.PostProcessor(workers=args.workers) as proc:
-    proc.map(crops_p[:args.workers], crops_d[:args.workers])  # start the workers
-    for size, ps, ds in (('256^2', crops_p, crops_d), ('1000^2', probs, dens)):
+  noisy_p, noisy_d = _oracle_maps(args.consep_dir, args.tiles, 0.02)
+  clean_p, clean_d = _oracle_maps(args.consep_dir, args.tiles, 0.0)
+  z = np.load(MODEL_MAPS)
+  model_p = list(z['class_map'].astype(np.int32))
+  model_d = list(z['density'].astype(np.float32))
+  sets = [('256^2 noisy oracle', _crops(noisy_p), _crops(noisy_d)),
+          ('256^2 clean oracle', _crops(clean_p), _crops(clean_d)),
+          ('256^2 trained model', model_p * 4, model_d * 4),
+          ('1000^2 noisy oracle', noisy_p, noisy_d),
+          ('1000^2 clean oracle', clean_p, clean_d)]
+  with pp.PostProcessor(workers=args.workers, num_classes=4) as proc:
+    proc.map(noisy_p[:1] * args.workers, noisy_d[:1] * args.workers)  # start the workers
+    for name, ps, ds in sets:
       n = len(ps)
-      t_ref = _time(lambda: [pp._postprocess_reference(p, d) for p, d in zip(ps, ds)], args.repeats)
-      t_one = _time(lambda: [pp.postprocess(p, d) for p, d in zip(ps, ds)], args.repeats)
+      t_ref = _time(lambda: [pp._postprocess_reference(p, d, num_classes=4) for p, d in zip(ps, ds)], args.repeats)
+      t_one = _time(lambda: [pp.postprocess(p, d, num_classes=4) for p, d in zip(ps, ds)], args.repeats)
       t_pool = _time(lambda: proc.map(ps, ds), args.repeats)
-      t_batch = _time(lambda: pp.postprocess_batch(np.stack(ps), np.stack(ds), workers=args.workers), args.repeats)
-      print(f'{size}: {n} tiles | reference loop {n / t_ref:7.2f} tiles/s | postprocess loop {n / t_one:7.2f} | '
-            f'warm PostProcessor({args.workers}) {n / t_pool:7.2f} | postprocess_batch(workers={args.workers}, '
-            f'pool per call) {n / t_batch:7.2f} | ratio warm pool / reference {t_ref / t_pool:5.1f}x, '
-            f'batch / reference {t_ref / t_batch:5.1f}x', flush=True)
+      print(f'{name}: {n} tiles | restatement {n / t_ref:7.2f} tiles/s | postprocess one process '
+            f'{n / t_one:7.2f} ({t_ref / t_one:4.1f}x) | warm pool of {args.workers} {n / t_pool:7.2f} '
+            f'({t_ref / t_pool:4.1f}x)', flush=True)
 
 
 if __name__ == '__main__':

@@ -22,12 +22,14 @@ Host side (numpy / scipy / scikit-image), one tile at a time, parallel over tile
 The reference used OpenCV for steps 3-4; they are restated with `scipy.ndimage.label` (same components, same
 raster order of labels; label values never influence the segmentation). `_postprocess_reference` keeps a plain
 whole-image restatement; `postprocess` gives the identical output faster (checked in
-tests/test_postprocess.py):
-- `h_maxima` reconstructs only the crowns of the density that can hold a maximum of dynamic >= h (exact,
-  see its docstring), ~10x faster than skimage's global reconstruction on clean maps;
+tests/test_postprocess.py and tests/test_postprocess_exact.py):
+- `h_maxima` never reconstructs: a pixel is selected iff the component of {r > T} around it (T = its value
+  minus h, in float32) holds no pixel of the reconstruction seed above T, which local certificates decide
+  for almost every local maximum (exact, see its docstring);
 - seeds, the boundary cut, majority vote and centroids are vectorised (`bincount`, array shifts), with no
   per-instance masks.
-The watershed itself stays one whole-image call (see the comment in `postprocess`).
+- the watershed runs only on foreground components with two or more marker labels, on their bounding box,
+  unless two markers of one component tie (then one whole-image call); see `_watershed`.
 
 `marker='peak_local_max'` (not in the reference) replaces steps 2-4 by skimage `peak_local_max(r,
 min_distance, threshold_abs=threshold, exclude_border=False)`, one marker per peak.
@@ -43,6 +45,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import scipy.ndimage as ndi
+from numpy.lib.stride_tricks import sliding_window_view
 from skimage import exposure, feature, morphology, segmentation
 
 MARKERS = ('hmaxima', 'peak_local_max')
@@ -103,55 +106,178 @@ def rescale(density: np.ndarray) -> np.ndarray:
   return exposure.rescale_intensity(np.asarray(density, np.float32))
 
 
-def h_maxima(r: np.ndarray, h: float) -> np.ndarray:
-  """skimage `h_maxima(r, h)` (3x3 footprint) for float32 r, identical output, reconstructing only where needed.
+# h-maxima certificates, cheapest first: straight 8-direction rays of these lengths (kill only), then the
+# component inside square windows of these radii (kill, or decide when closed), then whole-image labels.
+_RAYS = (3, 12)
+_WINDOWS = (6, 24, 64)
+_MAX_WHOLE_IMAGE_LABELS = 16  # beyond this many undecided pixels, skimage's global computation is cheaper
+_DIRECTIONS = np.array([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
+_SLICES_8 = np.zeros((3, 3, 3), bool)
+_SLICES_8[1] = True  # 8-connectivity inside each 2-D slice of a stack, none across slices
 
-  The global greyscale reconstruction (two argsorts of 2HW values) dominates the post-processing. It is only
-  needed on the crowns {r > tau} that can hold a selected pixel:
-  - a selected pixel p has r(p) - rec(p) >= h, so it lies on (or within the float32 `resolution` term 2e-6|r|
-    below) a regional maximum of value v >= min(r) + h; let L be the lowest such v, minus a margin;
-  - for tau = L - h - margin, rec(p) > tau depends only on the 8-connected component of {r > tau} holding p
-    (every path above tau stays in it), and for r(p) >= tau + h a value rec(p) <= tau selects p in both the
-    global and the cropped problem. So each component is reconstructed on its own bounding box with every
-    other pixel set below tau, and pixels below L are never selected.
+
+def _thresholds(m: np.ndarray, hf: np.float32) -> np.ndarray:
+  """T(m) = the largest float32 x with fl32(m - x) >= hf, elementwise for float32 m[N] (hf > 0).
+
+  fl32(z) >= hf iff z >= mid = (pred(hf) + hf) / 2 (round to nearest even: a tie rounds up iff hf's last
+  mantissa bit is 0), so T = the largest float32 <= m - mid; float64 holds m - mid exactly unless m and hf
+  are ~2^29 apart in scale, and the result is checked, with an exact bisection where the check fails.
+  """
+  mid = (np.float64(np.nextafter(hf, np.float32(0))) + np.float64(hf)) / 2
+  v = m.astype(np.float64) - mid
+  x = v.astype(np.float32)
+  x = np.where(x > v, np.nextafter(x, np.float32(-np.inf)), x)
+  ok = ((m - x) >= hf) & ((m - np.nextafter(x, np.float32(np.inf))) < hf)
+  if not ok.all():
+    bad = np.flatnonzero(~ok)
+    x[bad] = _bisect_thresholds(m[bad], hf)
+  return x
+
+
+def _bisect_thresholds(m: np.ndarray, hf: np.float32) -> np.ndarray:
+  """`_thresholds` by bisection over the float32 order (int keys: -|bits| for negatives, bits otherwise)."""
+  def key(x):
+    u = x.view(np.uint32).astype(np.int64)
+    return np.where(u >> 31, -(u & 0x7FFFFFFF), u)
+
+  def value(k):
+    return np.where(k < 0, (-k) | 0x80000000, k).astype(np.uint32).view(np.float32)
+
+  lo = np.full(m.shape, key(np.array([-np.finfo(np.float32).max], np.float32))[0])  # fl32(m - lo) >= hf
+  hi = key(m)  # fl32(m - m) = 0 < hf
+  while True:
+    act = hi - lo > 1
+    if not act.any():
+      return value(lo)
+    mid = (lo + hi) // 2
+    good = (m - value(mid)) >= hf
+    lo = np.where(act & good, mid, lo)
+    hi = np.where(act & ~good, mid, hi)
+
+
+def _padded(x: np.ndarray, k: int) -> np.ndarray:
+  out = np.full((x.shape[0] + 2 * k, x.shape[1] + 2 * k), -np.inf, np.float32)
+  out[k:k + x.shape[0], k:k + x.shape[1]] = x
+  return out
+
+
+def _ray_kills(rp: np.ndarray, sp: np.ndarray, k: int, cy: np.ndarray, cx: np.ndarray,
+               t: np.ndarray) -> np.ndarray:
+  """bool[N]: a straight 8-connected path of <= k pixels from (cy, cx) stays above t[i] and reaches s > t[i].
+
+  rp, sp: r and s padded by k with -inf.
+  """
+  d = np.arange(1, k + 1)
+  yy = cy[:, None, None] + k + _DIRECTIONS[:, 0, None] * d  # [N, 8, k]
+  xx = cx[:, None, None] + k + _DIRECTIONS[:, 1, None] * d
+  tt = t[:, None, None]
+  connected = np.minimum.accumulate(rp[yy, xx], axis=2) > tt
+  return (connected & (sp[yy, xx] > tt)).any(axis=(1, 2))
+
+
+def _window_decisions(rp: np.ndarray, sp: np.ndarray, k: int, cy: np.ndarray, cx: np.ndarray,
+                      t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The component of {r > t[i]} holding (cy, cx) inside its (2k+1)^2 window, all windows in one 3-D label.
+
+  Returns (dead bool[N]: it holds a pixel with s > t[i]; closed bool[N]: it stays off the window's outer ring,
+  so it is the whole-image component). rp, sp: r and s padded by k with -inf.
+  """
+  size = (2 * k + 1, 2 * k + 1)
+  wr = sliding_window_view(rp, size)[cy, cx]  # [N, 2k+1, 2k+1]
+  ws = sliding_window_view(sp, size)[cy, cx]
+  tt = t[:, None, None]
+  lab, _ = ndi.label(wr > tt, structure=_SLICES_8)
+  comp = lab == lab[:, k:k + 1, k:k + 1]
+  dead = (comp & (ws > tt)).any(axis=(1, 2))
+  ring = comp[:, 0].any(1) | comp[:, -1].any(1) | comp[:, :, 0].any(1) | comp[:, :, -1].any(1)
+  return dead, ~ring
+
+
+def h_maxima(r: np.ndarray, h: float) -> np.ndarray:
+  """skimage `h_maxima(r, h)` (3x3 footprint) for a float32 [H, W] r and a python float h > 0, bit-identical.
+
+  skimage selects p iff fl32(r(p) - rec(p)) >= h, rec = greyscale reconstruction by dilation of the seed
+  s = r - h - 2e-6|r| (float32, its `resolution` term) under r. For float32 x < r(p), rec(p) > x iff the
+  8-connected component of {r > x} holding p holds a pixel with s > x. With T = the largest float32 such that
+  fl32(r(p) - T) >= h (`_thresholds`), p is therefore selected iff C(p) = that component at level T holds no
+  pixel with s > T (T < r(p) always). Decided without any reconstruction:
+  - p needs s <= T on its 3x3 neighbourhood (so r there <= r(p) + ~3e-6(|r| + h)): a local-maximum filter;
+  - T >= max(s): selected; T < min(r) (C(p) is the whole image, holding argmax s): not selected;
+  - the rest by certificates: a straight path above T to a pixel with s > T (not selected), the component in
+    a window around p (holding s > T: not selected; off the window's ring: it is C(p), exact), and finally
+    whole-image labels (or skimage itself when many pixels are still undecided).
+  Other inputs (dtypes, h, non-finite values) go to skimage unchanged.
 
   Args:
     r: float32[H, W] rescaled density.
-    h: the h-maxima height (> 0).
+    h: the h-maxima height.
 
   Returns:
     uint8[H, W], 1 on the pixels of maxima of dynamic >= h.
   """
-  r = np.asarray(r, np.float32)
-  out = np.zeros(r.shape, np.uint8)
-  if r.size == 0 or h > np.ptp(r):
-    return out
-  rmin = float(r.min())
-  margin = 1e-4 * max(1.0, float(np.abs(r).max()))
-  regional = morphology.local_maxima(r, connectivity=2, allow_borders=True)
-  v = r[regional]
-  v = v[v >= rmin + h - margin]
-  if v.size == 0:
-    return out
-  tau = float(v.min()) - h - 2 * margin
-  if tau <= rmin:  # nothing to crop: the plain global computation
+  r = np.asarray(r)
+  if r.dtype != np.float32 or r.ndim != 2 or type(h) is not float or not 0 < h < np.inf:  # noqa: E721
     return morphology.h_maxima(r, h)
-  low = np.float32(tau - 1.0)
-  comps, n = ndi.label(r > tau, structure=_SQUARE)
-  hf = r.dtype.type(h)  # what skimage's comparisons use (NEP 50: a python float is weak)
-  for c, sl in enumerate(ndi.find_objects(comps), start=1):
-    sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-    inside = comps[sl] == c
-    sub = np.where(inside, r[sl], low)
-    seed = sub - hf - 2 * np.finfo(np.float32).resolution * np.abs(sub)
-    rec = morphology.reconstruction(seed, sub, method='dilation', footprint=_SQUARE)
-    out[sl] |= (((sub - rec) >= hf) & inside).astype(np.uint8)
+  out = np.zeros(r.shape, np.uint8)
+  if r.size == 0 or h > np.ptp(r):  # skimage's own test, same operands
+    return out
+  if not np.isfinite(r).all():
+    return morphology.h_maxima(r, h)
+  hgt, wid = r.shape
+  hf = np.float32(h)
+  s = r - h - 2 * np.finfo(np.float32).resolution * np.abs(r)  # skimage's seed, bit for bit
+  rf, sf = r.ravel(), s.ravel()
+  rmin, smax = rf.min(), sf.max()
+  eps = np.float32(2e-5 * (float(np.abs(rf).max()) + h))  # > the float32 slack of the bounds above
+  # Superset of the selectable pixels: no neighbour more than eps higher, and T >= min(rmin, smax).
+  mr = ndi.maximum_filter(r, size=3, mode='nearest')
+  cand = np.flatnonzero((mr <= r + eps) & (r >= min(rmin, smax) + hf - eps))
+  if cand.size == 0:
+    return out
+  cy, cx = np.divmod(cand, wid)
+  s1 = np.pad(s, 1, mode='edge')
+  ms = s1[cy, cx]
+  for dy in range(3):
+    for dx in range(3):
+      np.maximum(ms, s1[cy + dy, cx + dx], out=ms)
+  t = _thresholds(rf[cand], hf)
+  ok = ms <= t
+  cand, t, cy, cx = cand[ok], t[ok], cy[ok], cx[ok]
+  selected = t >= smax
+  nontrivial = ~selected & (t >= rmin)
+  todo = np.flatnonzero(nontrivial)
+  if todo.size:
+    dead = np.zeros(cand.size, bool)
+    for k in _RAYS:
+      kills = _ray_kills(_padded(r, k), _padded(s, k), k, cy[todo], cx[todo], t[todo])
+      dead[todo[kills]] = True
+      todo = todo[~kills]
+    for k in _WINDOWS:
+      if todo.size == 0:
+        break
+      k = min(k, max(hgt, wid))  # a window this wide covers the image: every component is closed
+      d, closed = _window_decisions(_padded(r, k), _padded(s, k), k, cy[todo], cx[todo], t[todo])
+      dead[todo[d]] = True
+      todo = todo[~d & ~closed]
+    if todo.size > _MAX_WHOLE_IMAGE_LABELS:
+      return morphology.h_maxima(r, h)
+    for i in todo:
+      lab, _ = ndi.label(r > t[i], structure=_SQUARE)
+      dead[i] = bool((s[lab == lab[cy[i], cx[i]]] > t[i]).any())
+    selected[nontrivial] = ~dead[nontrivial]
+  out.ravel()[cand[selected]] = 1
   return out
 
 
 def _hmaxima_markers(r: np.ndarray, h: float) -> np.ndarray:
   """Steps 2-4: int32[H, W] markers 1..M from the h-maxima of the rescaled map."""
   hmax = h_maxima(r, h)  # uint8, all zero when h > ptp(r)
+  idx = np.flatnonzero(hmax)
+  if not (hmax[1:] & hmax[:-1]).any() and not (hmax[:, 1:] & hmax[:, :-1]).any():
+    # Usual case: isolated pixels, each its own component, seed and marker (numbered in raster order).
+    markers = np.zeros(r.size, np.int32)
+    markers[idx] = np.arange(1, idx.size + 1, dtype=np.int32)
+    return markers.reshape(r.shape)
   comps, n = ndi.label(hmax, structure=_CROSS)
   seeds = np.zeros(r.shape, np.uint8)
   if n:
@@ -188,6 +314,63 @@ def markers_from_density(density: np.ndarray, *, marker: str = 'hmaxima', h: flo
   if marker == 'hmaxima':
     return _hmaxima_markers(r, float(h))
   return _peak_markers(r, min_distance, threshold)
+
+
+def _watershed(fg: np.ndarray, markers: np.ndarray, compactness: float) -> np.ndarray:
+  """Steps 6-7: skimage `watershed(-distance_transform_edt(fg), markers, mask=fg, compactness)`, identical.
+
+  The watershed floods the 4-connected components of fg independently (its connectivity 1), and a component's
+  result depends only on the order of its own heap items: items compare by (value, age), ages are unique and
+  grow with every push of the whole image, so two runs order a component's items alike as long as no two of
+  them share both value and age, i.e. unless two of its markers (all age 0) have equal distances, which is
+  the only place where the global heap's layout (every marker of the image) breaks the tie. Hence:
+  - a component without markers stays 0, one holding a single marker label takes that label everywhere;
+  - components with two or more labels and pairwise different marker distances are flooded together in one
+    call on their bounding box (distances from that box grown by 1: the nearest background pixel of a
+    component's pixel lies inside it, as the first pixel past the component along its row or column does);
+  - if a component's markers tie, the one global call is made, as the reference does.
+  """
+  comps, n = ndi.label(fg, structure=_CROSS)
+  ws = np.zeros(fg.shape, np.int32)
+  mpos = np.flatnonzero(markers.ravel() * fg.ravel())
+  if mpos.size == 0:
+    return ws
+  mlab = markers.ravel()[mpos]
+  mcomp = comps.ravel()[mpos]
+  lo = np.full(n + 1, np.iinfo(np.int32).max, np.int32)
+  hi = np.zeros(n + 1, np.int32)
+  np.minimum.at(lo, mcomp, mlab)
+  np.maximum.at(hi, mcomp, mlab)
+  multi = hi > lo
+  lut = np.where(hi == lo, hi, 0).astype(np.int32)
+  lut[0] = 0
+  ws = lut[comps]
+  if not multi.any():
+    return ws
+  inside = multi[comps]
+  rows = np.flatnonzero(inside.any(axis=1))
+  cols = np.flatnonzero(inside.any(axis=0))
+  hgt, wid = fg.shape
+  y0, y1 = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, hgt)
+  x0, x1 = max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, wid)
+  box = fg[y0:y1, x0:x1]
+  whole = (y1 - y0) * (x1 - x0) > 0.6 * fg.size or box.all()  # (no background in the box: scipy's own rule)
+  dist = ndi.distance_transform_edt(fg) if whole else None
+  dbox = dist[y0:y1, x0:x1] if whole else ndi.distance_transform_edt(box)
+  sel = multi[mcomp]
+  my, mx = np.divmod(mpos[sel], wid)
+  v, c = dbox[my - y0, mx - x0], mcomp[sel]
+  order = np.lexsort((v, c))
+  v, c = v[order], c[order]
+  if ((c[1:] == c[:-1]) & (v[1:] == v[:-1])).any():
+    if dist is None:
+      dist = ndi.distance_transform_edt(fg)
+    return segmentation.watershed(-dist, markers, mask=fg, compactness=compactness)
+  ibox = inside[y0:y1, x0:x1]
+  sub = segmentation.watershed(-dbox, np.where(ibox, markers[y0:y1, x0:x1], 0), mask=ibox, compactness=compactness)
+  wbox = ws[y0:y1, x0:x1]
+  wbox[ibox] = sub[ibox]
+  return ws
 
 
 def cut_touching(ws: np.ndarray) -> np.ndarray:
@@ -281,11 +464,7 @@ def postprocess(class_probs: np.ndarray, density: np.ndarray, *, marker: str = '
   if num_classes is None:
     num_classes = k if k is not None else int(a.max(initial=0))
   markers = markers_from_density(density, marker=marker, h=h, min_distance=min_distance, threshold=threshold)
-  fg = a > 0
-  # One global call, as the reference: the compact watershed's heap gives equal-priority markers the same age,
-  # so their pop order (and hence tie-breaks far away) depends on every marker of the image; splitting it per
-  # foreground component changes a few boundary pixels.
-  ws = segmentation.watershed(-ndi.distance_transform_edt(fg), markers, mask=fg, compactness=compactness)
+  ws = _watershed(a > 0, markers, compactness)
   return _finish(ws, a, num_classes, relabel_connectivity)
 
 
