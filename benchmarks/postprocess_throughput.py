@@ -80,12 +80,13 @@ def main() -> None:
           ('1000^2 noisy oracle', noisy_p, noisy_d),
           ('1000^2 clean oracle', clean_p, clean_d)]
   with pp.PostProcessor(workers=args.workers, num_classes=4) as proc:
-    proc.map(noisy_p[:1] * args.workers, noisy_d[:1] * args.workers)  # start the workers
+    maps = lambda ps, ds: [{'class_probs': p, 'density': d} for p, d in zip(ps, ds)]
+    proc.map(maps(noisy_p[:1] * args.workers, noisy_d[:1] * args.workers))  # start the workers
     for name, ps, ds in sets:
       n = len(ps)
       t_ref = _time(lambda: [pp._postprocess_reference(p, d, num_classes=4) for p, d in zip(ps, ds)], args.repeats)
       t_one = _time(lambda: [pp.postprocess(p, d, num_classes=4) for p, d in zip(ps, ds)], args.repeats)
-      t_pool = _time(lambda: proc.map(ps, ds), args.repeats)
+      t_pool = _time(lambda: proc.map(maps(ps, ds)), args.repeats)
       print(f'{name}: {n} tiles | restatement {n / t_ref:7.2f} tiles/s | postprocess one process '
             f'{n / t_one:7.2f} ({t_ref / t_one:4.1f}x) | warm pool of {args.workers} {n / t_pool:7.2f} '
             f'({t_ref / t_pool:4.1f}x)', flush=True)
