@@ -7,9 +7,11 @@
 
 CoNSeP here has FOUR merged classes (malignant and normal epithelial are one class); the paper's five-class
 CoNSeP table (HistoNeXt-Tiny: Dice 0.843, AJI 0.592, PQ 0.532, F1 0.773) is therefore not directly comparable
-for the class scores. Kept from the paper: Adam 1e-4, x0.1 every 25 epochs, early stopping with patience 20 on
-the validation loss, checkpoints every 5 epochs. Not yet here: the paper's asymmetric NP and focal TP losses
-(HoVer-Net's stand in, methods/hovernet.py), two-phase training (frozen encoder first) and its augmentation set.
+for the class scores. Kept from the paper: L = asymmetric NP (gamma+ 0.5, gamma- 4, clip [0.05, 0.95]) + HV
+MSE + MSGE (5x5 gradient kernels on nuclear pixels) + focal TP (alpha 0.25, gamma 2); Adam 1e-4, x0.1 every 25
+epochs, early stopping with patience 20 epochs on the validation loss, checkpoints every 5 epochs. Not yet
+here: two-phase training (frozen encoder first), type-aware sampling multipliers and the paper's augmentation
+set (the project's dihedral views, HED and colour jitter stand in).
 """
 
 from configs import hovernet_consep
@@ -20,6 +22,10 @@ def get_config(variant: str = 'tiny'):
   config.method = 'histonext'
   config.model.encoder = f'convnext_{variant or "tiny"}'  # informational: the variant picks the encoder
   config.model.histonext_variant = variant or 'tiny'
+  config.loss.hv_np_loss = 'asymmetric'
+  config.loss.hv_tp_loss = 'focal'
+  for name in ('hv_np_ce', 'hv_mse', 'hv_msge', 'hv_tp_ce'):  # L = L_np + L_hv + L_tp
+    setattr(config.loss, name, 1.0)
   config.dataset.crop_size = 270
   config.train.epochs = 100
   config.train.lr_milestones = (25, 50, 75)

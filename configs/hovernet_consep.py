@@ -41,6 +41,8 @@ def get_config(mode: str = 'original'):
   for name in ('hv_np_ce', 'hv_np_dice', 'hv_mse', 'hv_msge', 'hv_tp_ce', 'hv_tp_dice'):
     setattr(config.loss, name, 1.0)
   config.loss.hv_msge_pytorch_kernels = False  # True: the PyTorch port's transposed gradient kernels
+  config.loss.hv_np_loss = 'ce_dice'  # HistoNeXt: 'asymmetric'
+  config.loss.hv_tp_loss = 'ce_dice'  # HistoNeXt: 'focal'
 
   config.postprocess.hv_np_threshold = 0.5
   config.postprocess.hv_energy_threshold = 0.4

@@ -51,3 +51,35 @@ def test_conic_tiny_loss_maps_and_targets(fixtures_dir):
   maps = method.maps(outputs)
   assert maps['class_probs'].shape == (1, 64, 64, 5) and maps['hv'].shape == (1, 64, 64, 2)
   np.testing.assert_allclose(np.asarray(maps['class_probs']).sum(-1), 1.0, atol=1e-5)
+
+
+def test_histonext_losses_hand_values():
+  from dualunet_jax.methods import hovernet
+  # One foreground pixel with p = softmax([0, ln 3])[1] = 0.75 and one background pixel with p = 0.25.
+  logits = jnp.asarray([[[[0.0, np.log(3.0)], [np.log(3.0), 0.0]]]], jnp.float32)  # [1, 1, 2, 2]
+  fg = jnp.asarray([[[1, 0]]])
+  want = (-(0.25 ** 0.5) * np.log(0.75) - (0.25 ** 4) * np.log(0.75)) / 2
+  np.testing.assert_allclose(float(hovernet.asymmetric_np_loss(logits, fg)), want, rtol=1e-5)
+  # Clipping: a confident, right pixel costs at most the clipped value.
+  sure = jnp.asarray([[[[0.0, 20.0]]]], jnp.float32)
+  np.testing.assert_allclose(float(hovernet.asymmetric_np_loss(sure, jnp.asarray([[[1]]]))),
+                             -(0.05 ** 0.5) * np.log(0.95), rtol=1e-5)
+  # Focal: p_t = 0.75 -> -0.25 * 0.25^2 * ln 0.75.
+  onehot = jnp.asarray([[[[0.0, 1.0]]]], jnp.float32)
+  np.testing.assert_allclose(float(hovernet.focal_tp_loss(logits[:, :, :1], onehot)),
+                             -0.25 * 0.25 ** 2 * np.log(0.75), rtol=1e-5)
+
+
+def test_histonext_config_selects_its_losses():
+  from dualunet_jax.methods import hovernet
+  config = histonext_consep.get_config()
+  rng = np.random.default_rng(0)
+  outputs = {'np': jnp.asarray(rng.normal(size=(1, 8, 8, 2)), jnp.float32),
+             'hv': jnp.asarray(rng.uniform(-1, 1, (1, 8, 8, 2)), jnp.float32),
+             'tp': jnp.asarray(rng.normal(size=(1, 8, 8, 5)), jnp.float32)}
+  class_map = jnp.asarray(rng.integers(0, 5, (1, 8, 8)), jnp.int32)
+  hv = jnp.asarray(rng.uniform(-1, 1, (1, 8, 8, 2)), jnp.float32)
+  total, parts = hovernet.hovernet_loss(outputs, class_map, hv, config.loss)
+  assert set(parts) == {'np_asl', 'hv_mse', 'hv_msge', 'tp_focal', 'total'}
+  np.testing.assert_allclose(float(total), float(parts['np_asl'] + parts['hv_mse'] + parts['hv_msge']
+                                                 + parts['tp_focal']), rtol=1e-6)

@@ -105,6 +105,36 @@ def msge_loss(pred: jax.Array, target: jax.Array, focus: jax.Array, *, pytorch_k
   return jnp.sum(f * diff * diff) / (2.0 * jnp.sum(f) + 1.0e-8)
 
 
+def asymmetric_np_loss(logits: jax.Array, fg: jax.Array, *, gamma_pos: float = 0.5, gamma_neg: float = 4.0,
+                       clip: tuple[float, float] = (0.05, 0.95)) -> jax.Array:
+  """HistoNeXt's NP loss: mean over pixels of -[y (1 - p)^gamma_pos log p + (1 - y) p^gamma_neg log(1 - p)]
+  with p = softmax(logits)[..., 1] clipped to `clip` (so confident pixels cost little and pass no gradient).
+
+  Args:
+    logits: float[B, H, W, 2]; fg: {0, 1}[B, H, W].
+  Returns:
+    float32 scalar.
+  """
+  p = jnp.clip(jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1], *clip)
+  y = fg.astype(jnp.float32)
+  return jnp.mean(-(y * (1.0 - p) ** gamma_pos * jnp.log(p) + (1.0 - y) * p ** gamma_neg * jnp.log(1.0 - p)))
+
+
+def focal_tp_loss(logits: jax.Array, target_onehot: jax.Array, *, alpha: float = 0.25, gamma: float = 2.0
+                  ) -> jax.Array:
+  """HistoNeXt's TP loss (Lin et al. focal loss, softmax form): mean over pixels of
+  -alpha (1 - p_t)^gamma log p_t, p_t the probability of the target class.
+
+  Args:
+    logits: float[B, H, W, C]; target_onehot: float[B, H, W, C].
+  Returns:
+    float32 scalar.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  log_pt = jnp.sum(target_onehot.astype(jnp.float32) * logp, axis=-1)
+  return jnp.mean(-alpha * (1.0 - jnp.exp(log_pt)) ** gamma * log_pt)
+
+
 def hovernet_loss(outputs: Mapping[str, jax.Array], class_map: jax.Array, hv_target: jax.Array,
                   loss_config: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The weighted sum of the six official terms.
@@ -118,19 +148,31 @@ def hovernet_loss(outputs: Mapping[str, jax.Array], class_map: jax.Array, hv_tar
     (total, {'np_ce', 'np_dice', 'hv_mse', 'hv_msge'[, 'tp_ce', 'tp_dice'], 'total'}) float32 scalars.
   """
   w = {name: config_field(loss_config, name, 1.0) for name in LOSS_WEIGHTS}
+  np_kind = config_field(loss_config, 'hv_np_loss', 'ce_dice')
+  tp_kind = config_field(loss_config, 'hv_tp_loss', 'ce_dice')
+  if np_kind not in ('ce_dice', 'asymmetric') or tp_kind not in ('ce_dice', 'focal'):
+    raise ValueError(f"loss.hv_np_loss must be 'ce_dice' | 'asymmetric' and loss.hv_tp_loss 'ce_dice' | 'focal', "
+                     f'got {np_kind!r}, {tp_kind!r}')
   fg = (class_map > 0).astype(jnp.int32)
   np_t = jax.nn.one_hot(fg, 2, dtype=jnp.float32)
-  parts = {'np_ce': xentropy_loss(outputs['np'], np_t), 'np_dice': dice_loss(outputs['np'], np_t),
-           'hv_mse': losses.density_mse(outputs['hv'], hv_target),
+  parts = {'hv_mse': losses.density_mse(outputs['hv'], hv_target),
            'hv_msge': msge_loss(outputs['hv'], hv_target, fg,
                                 pytorch_kernels=bool(config_field(loss_config, 'hv_msge_pytorch_kernels', False)))}
-  total = (w['hv_np_ce'] * parts['np_ce'] + w['hv_np_dice'] * parts['np_dice'] + w['hv_mse'] * parts['hv_mse']
-           + w['hv_msge'] * parts['hv_msge'])
+  total = w['hv_mse'] * parts['hv_mse'] + w['hv_msge'] * parts['hv_msge']
+  if np_kind == 'asymmetric':  # HistoNeXt: the asymmetric loss replaces CE + Dice (weight hv_np_ce)
+    parts['np_asl'] = asymmetric_np_loss(outputs['np'], fg)
+    total = total + w['hv_np_ce'] * parts['np_asl']
+  else:
+    parts['np_ce'], parts['np_dice'] = xentropy_loss(outputs['np'], np_t), dice_loss(outputs['np'], np_t)
+    total = total + w['hv_np_ce'] * parts['np_ce'] + w['hv_np_dice'] * parts['np_dice']
   if 'tp' in outputs:
     tp_t = jax.nn.one_hot(class_map, outputs['tp'].shape[-1], dtype=jnp.float32)
-    parts['tp_ce'] = xentropy_loss(outputs['tp'], tp_t)
-    parts['tp_dice'] = dice_loss(outputs['tp'], tp_t)
-    total = total + w['hv_tp_ce'] * parts['tp_ce'] + w['hv_tp_dice'] * parts['tp_dice']
+    if tp_kind == 'focal':  # HistoNeXt: the focal loss replaces CE + Dice (weight hv_tp_ce)
+      parts['tp_focal'] = focal_tp_loss(outputs['tp'], tp_t)
+      total = total + w['hv_tp_ce'] * parts['tp_focal']
+    else:
+      parts['tp_ce'], parts['tp_dice'] = xentropy_loss(outputs['tp'], tp_t), dice_loss(outputs['tp'], tp_t)
+      total = total + w['hv_tp_ce'] * parts['tp_ce'] + w['hv_tp_dice'] * parts['tp_dice']
   parts['total'] = total
   return total, parts
 
@@ -221,8 +263,9 @@ class ConicMethod(HoVerNetMethod):
 
 class HistoNeXtMethod(HoVerNetMethod):
   """HistoNeXt (seed 004) as a method: `models.histonext.HistoNeXt` (ConvNeXt encoder, dense-block NP and HV
-  branches, ConvCAM type branch, 270 -> 80 valid geometry) with HoVer-Net's targets, post-processing and
-  loss terms. Not yet the paper's own losses (asymmetric NP, focal TP, 5x5-Sobel MSGE): HoVer-Net's stand in."""
+  branches, ConvCAM type branch, 270 -> 80 valid geometry) with HoVer-Net's targets and post-processing; its
+  losses (configs/histonext_consep.py): asymmetric NP (`asymmetric_np_loss`), HV MSE + MSGE on 5x5 gradient
+  kernels over nuclear pixels (HoVer-Net's `msge_loss`), focal TP (`focal_tp_loss`)."""
   name = 'histonext'
 
   def build_model(self, config: Any, num_classes: int, *, rngs: nnx.Rngs) -> nnx.Module:
