@@ -16,6 +16,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 42
+  # dualunet | hovernet | conic | histonext | unet | unetpp (dualunet_jax/methods/; configs per method)
+  config.method = 'dualunet'
 
   # ---------------------------------------------------------------- data
   config.dataset = ml_collections.ConfigDict()

@@ -46,6 +46,8 @@ def _merge_trained_config(config, workdir: pathlib.Path):
   with config.unlocked():
     config.method = methods.method_name(trained)
     config.model = trained.model
+    if 'refine' in trained:  # a two-stage workdir: its model is TwoStage (stage 1 + EnhancementNet)
+      config.refine = trained.refine
     for key in ('num_classes', 'class_names', 'mpp'):
       config.dataset[key] = trained.dataset[key]
   return config

@@ -120,8 +120,14 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
   Post-processing runs in `config.postprocess.workers` processes while the device computes the next batch.
   `transform(record, index)` rewrites each record first (robustness views). `per_image`, when a list, receives
   one dict per image (name, counts of GT and predicted nuclei).
+
+  Besides the instance metrics: `pixel_{precision,recall,dice,iou}` of the foreground mask the method's
+  post-processing uses, pooled over the split (the two-stage enhancement paper's metrics). A refinement run
+  (`refinement.py`) is scored twice from one forward pass: the refined maps (the plain keys) and the stage-1
+  maps (every key again with the prefix `stage1_`).
   """
   from tqdm import tqdm
+  from dualunet_jax import refinement
 
   mesh = mesh or pipeline.default_mesh()
   method = methods.get(config)
@@ -131,8 +137,12 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
   source = Prefix(source, n)
   if transform is not None:
     source = _Transformed(source, transform)
-  accumulator = metrics_lib.MetricsAccumulator(num_classes, match_radius=config.eval.match_radius,
-                                               class_names=tuple(config.dataset.class_names))
+  new_accumulator = lambda: metrics_lib.MetricsAccumulator(num_classes, match_radius=config.eval.match_radius,
+                                                           class_names=tuple(config.dataset.class_names))
+  two_stage = refinement.is_two_stage(config)
+  variants = ('', refinement.STAGE1_PREFIX) if two_stage else ('',)  # key prefix of each scored version
+  accumulators = {v: new_accumulator() for v in variants}
+  pixels = {v: refinement.PixelMetrics() for v in variants}
   overlays = pathlib.Path(overlays_dir) if overlays_dir and num_overlays else None
   if overlays is not None:
     overlays.mkdir(parents=True, exist_ok=True)
@@ -142,9 +152,11 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
 
     def drain(limit):
       while len(window) > limit:
-        index, record, future = window.popleft()
-        instances = future.result()
-        accumulator.add(record[schema.INSTANCE_MAP], record[schema.INSTANCE_CLASSES], instances)
+        index, record, futures = window.popleft()
+        results = {v: f.result() for v, f in futures.items()}
+        for v, result in results.items():
+          accumulators[v].add(record[schema.INSTANCE_MAP], record[schema.INSTANCE_CLASSES], result)
+        instances = results['']
         if per_image is not None:
           per_image.append({'name': schema.decode_text(record[schema.NAME]),
                             'n_gt': int(len(record[schema.INSTANCE_CLASSES])),
@@ -156,12 +168,21 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
 
     bar = tqdm(total=n, desc=desc, unit='img', leave=False, disable=jax.process_index() != 0)
     for index, (record, maps) in enumerate(predict_maps(forward, source, config, mesh=mesh)):
-      window.append((index, record, processor.submit(maps)))
+      versions = {'': refinement.refined(maps)}
+      if two_stage:
+        versions[refinement.STAGE1_PREFIX] = refinement.unrefined(maps)
+      gt_fg = np.asarray(record[schema.INSTANCE_MAP]) > 0
+      for v, version in versions.items():
+        pixels[v].add(refinement.foreground_mask(method.name, version), gt_fg)
+      window.append((index, record, {v: processor.submit(version) for v, version in versions.items()}))
       drain(limit=4 * max(1, processor.workers))  # bounded: host memory stays flat
       bar.update(1)
     drain(limit=0)
     bar.close()
-  return accumulator.result()
+  out: dict[str, float] = {}
+  for v in variants:
+    out.update({v + k: value for k, value in {**accumulators[v].result(), **pixels[v].result()}.items()})
+  return out
 
 
 # ------------------------------------------------------------------------------------------- overlays

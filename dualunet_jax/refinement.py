@@ -275,6 +275,12 @@ class RefinedMethod(base.Method):
     return TwoStage(self.stage1.build_model(config, num_classes, rngs=rngs), enhancer, method_name=self.name,
                     freeze_stage1=_mode(config) == 'stage2')
 
+  def trainable(self, config: Any) -> Any:
+    return trainable_filter(config)
+
+  def initialise(self, model: TwoStage, config: Any) -> None:
+    initialise(model, config)
+
   def make_targets(self, instance_map, instance_classes, config):
     return self.stage1.make_targets(instance_map, instance_classes, config)
 
@@ -309,9 +315,8 @@ class RefinedMethod(base.Method):
 
 
 def method_for(config: Any) -> base.Method:
-  """`methods.get(config)`, wrapped in `RefinedMethod` for a refinement run (`is_two_stage`)."""
-  method = methods.get(config)
-  return RefinedMethod(method) if is_two_stage(config) else method
+  """`methods.get(config)`: wrapped in `RefinedMethod` for a refinement run (`is_two_stage`)."""
+  return methods.get(config)
 
 
 # ----------------------------------------------------------------------------------------------- training

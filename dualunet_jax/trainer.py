@@ -43,7 +43,8 @@ def create_train_state(config: ml_collections.ConfigDict, num_classes: int, step
   model = method.build_model(config, num_classes, rngs=nnx.Rngs(config.seed))
   if config.model.get('encoder_init'):
     method.encoder_init(model, config.model.encoder_init)
-  optimizer = nnx.Optimizer(model, optim.make_optimizer(config.train, steps_per_epoch), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, optim.make_optimizer(config.train, steps_per_epoch),
+                            wrt=method.trainable(config))
   return model, optimizer
 
 
@@ -71,7 +72,8 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
   def loss_fn(model):
     return method.loss(model(batch['image']), batch, class_weights, config)
 
-  (_, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  diff = nnx.DiffState(0, method.trainable(config))  # a refinement's stage 2: only its own parameters
+  (_, parts), grads = nnx.value_and_grad(loss_fn, argnums=diff, has_aux=True)(model)
   optimizer.update(model, grads)
   metrics = dict(parts, grad_norm=optax.tree.norm(grads))
   return nnx.state((model, optimizer)), metrics
@@ -170,6 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = mesh or make_mesh()
+  from dualunet_jax import refinement  # pylint: disable=import-outside-toplevel
+  if refinement.is_two_stage(config):  # the stage-1 run's method, data, model and post-processing sections
+    config = refinement.resolve_config(config)
   if config.train.batch_size % mesh.size:
     raise ValueError(f'config.train.batch_size={config.train.batch_size} is not divisible by the '
                      f'{mesh.size} devices of the mesh')
@@ -196,7 +201,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                     best_mode=config.train.get('best_mode', 'max'))
   patience = int(config.train.get('early_stopping_patience', 0))
   start_step, since_best, stopped = 0, 0, False
-  if ckpt.latest_step() is not None:
+  if ckpt.latest_step() is None:
+    methods.get(config).initialise(model, config)
+  else:
     meta = ckpt.restore(model, optimizer)
     start_step, since_best = int(meta['step']), int(meta.get('since_best', 0))
     stopped = bool(meta.get('early_stopped'))

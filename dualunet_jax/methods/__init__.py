@@ -1,4 +1,5 @@
-"""Methods by name: `config.method` selects one (`get(config)`); `base.Method` says what a method provides.
+"""Methods by name: `config.method` selects one (`get(config)`); `base.Method` says what a method provides. A
+refinement run (`config.refine.mode`, refinement.py) gets its stage-1 method wrapped in `RefinedMethod`.
 
     method = methods.get(config)                      # 'dualunet' when the config has no `method` field
     model = method.build_model(config, num_classes, rngs=nnx.Rngs(0))
@@ -41,7 +42,12 @@ def get(config_or_name: Any) -> Method:
   if name not in _INSTANCES:
     module, attr = _REGISTRY[name].split(':')
     _INSTANCES[name] = getattr(importlib.import_module(module), attr)()
-  return _INSTANCES[name]
+  method = _INSTANCES[name]
+  if not isinstance(config_or_name, str):
+    from dualunet_jax import refinement  # a two-stage run (config.refine.mode): the stage-1 method, refined
+    if refinement.is_two_stage(config_or_name):
+      return refinement.RefinedMethod(method)
+  return method
 
 
 __all__ = ['DEFAULT', 'Method', 'NAMES', 'get', 'method_name']

@@ -114,6 +114,14 @@ class Method(abc.ABC):
     """Lines `summary` prints under the table (e.g. the published size of this architecture)."""
     return []
 
+  def trainable(self, config: Any) -> Any:
+    """The nnx filter of the parameters the optimizer trains (a refinement run: its stage-2 parameters)."""
+    return nnx.Param
+
+  def initialise(self, model: nnx.Module, config: Any) -> None:
+    """Called by the trainer on a fresh run (no checkpoint yet), after `build_model` (a refinement run loads
+    its stage-1 weights here)."""
+
   def encoder_init(self, model: nnx.Module, path: str) -> None:
     """Loads ImageNet weights from `path` into the encoder (config.model.encoder_init)."""
     raise NotImplementedError(f'{self.name}: loading encoder weights is not supported')
