@@ -353,13 +353,15 @@ def _sha256(path: str | os.PathLike) -> str:
 
 
 def convert_to_workdir(path: str | os.PathLike, config: ml_collections.ConfigDict,
-                       workdir: str | os.PathLike) -> pathlib.Path:
-  """Converts `path` and writes it as step 0 of a new workdir (config.json, checkpoints/0, best/0)."""
+                       workdir: str | os.PathLike, *, convert_fn: Any = None) -> pathlib.Path:
+  """Converts `path` and writes it as step 0 of a new workdir (config.json, checkpoints/0, best/0).
+  `convert_fn(path, config) -> (model, config, info)`: default `convert_checkpoint` (DualU-Net); HoVer-Net
+  passes its own (convert_hovernet.py)."""
   workdir = pathlib.Path(workdir)
   for sub in (checkpointing.PERIODIC_DIR, checkpointing.BEST_DIR):
     if (workdir / sub).is_dir() and any((workdir / sub).iterdir()):
       raise ConversionError(f'{workdir / sub}: already holds checkpoints; convert into a new --workdir')
-  model, config, info = convert_checkpoint(path, config)
+  model, config, info = (convert_fn or convert_checkpoint)(path, config)
   return checkpointing.save_model_checkpoint(workdir, config, model, step=0, meta=info)
 
 

@@ -43,7 +43,6 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dualunet_jax import checkpointing
 from dualunet_jax import convert
 from dualunet_jax import models
 from dualunet_jax.convert import ConversionError
@@ -180,12 +179,7 @@ def convert_checkpoint(path: str | os.PathLike, config: ml_collections.ConfigDic
 def convert_to_workdir(path: str | os.PathLike, config: ml_collections.ConfigDict,
                        workdir: str | os.PathLike) -> pathlib.Path:
   """`convert.convert_to_workdir` for HoVer-Net files: step 0 of a new workdir."""
-  workdir = pathlib.Path(workdir)
-  for sub in (checkpointing.PERIODIC_DIR, checkpointing.BEST_DIR):
-    if (workdir / sub).is_dir() and any((workdir / sub).iterdir()):
-      raise ConversionError(f'{workdir / sub}: already holds checkpoints; convert into a new --workdir')
-  model, config, info = convert_checkpoint(path, config)
-  return checkpointing.save_model_checkpoint(workdir, config, model, step=0, meta=info)
+  return convert.convert_to_workdir(path, config, workdir, convert_fn=convert_checkpoint)
 
 
 def load_encoder_weights(model: hovernet_lib.HoVerNet, path: str | os.PathLike) -> None:
