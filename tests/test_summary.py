@@ -50,3 +50,11 @@ def test_table_flags_a_regrouped_resnext():
   assert dense['gflops_64'] > grouped['gflops_64']
   assert 'not the reference architecture' in summary.format_table(dense)
   assert 'not the reference architecture' not in summary.format_table(grouped)
+
+
+def test_summary_of_a_hovernet_config_names_the_official_count():
+  from configs import hovernet_consep
+  result = summary.summarize(hovernet_consep.get_config(), 4, sizes=())
+  assert (result['method'], result['params'], result['margin']) == ('hovernet', 54_744_457, 95)
+  assert any('54,744,457 parameters (equal)' in note for note in result['notes'])
+  assert 'Valid convolutions' in summary.format_table(result)

@@ -180,6 +180,12 @@ def hovernet_loss(outputs: Mapping[str, jax.Array], class_map: jax.Array, hv_tar
 # ------------------------------------------------------------------------------------------- the method
 
 
+# The official PyTorch model's parameters (vqdang/hover_net `HoVerNet`, counted by instantiating it) by
+# (mode, K + 1 type channels): ../shared/reference/seed_systems.md; tests/test_hovernet.py checks ours equal.
+OFFICIAL_PARAMETERS = {('original', 5): 54_744_457, ('original', 6): 54_744_522, ('fast', 5): 37_639_561,
+                       ('fast', 6): 37_639_626}
+
+
 class HoVerNetMethod(base.Method):
   name = 'hovernet'
   target_kinds = {'hv': 'hv'}
@@ -196,6 +202,14 @@ class HoVerNetMethod(base.Method):
     return hovernet.HoVerNet(mode=self.mode(config), num_classes=num_classes,
                              width_multiplier=float(config.model.width_multiplier),
                              dtype=models.compute_dtype(config.model.dtype), rngs=rngs)
+
+  def summary_notes(self, config: Any, model: nnx.Module, counts) -> list[str]:
+    mode, types = self.mode(config), int(config.dataset.num_classes) + 1
+    official = OFFICIAL_PARAMETERS.get((mode, types))
+    if official is None or float(config.model.width_multiplier) != 1.0:
+      return []
+    same = 'equal' if counts['total'] == official else f"NOT equal ({counts['total']:,})"
+    return [f'Official HoVer-Net {mode} with {types} type channels: {official:,} parameters ({same}).']
 
   def target_margin(self, config: Any) -> int:
     """Context px per side the model consumes: the HV rule 'too little of the nucleus inside the output'
