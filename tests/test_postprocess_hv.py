@@ -111,6 +111,19 @@ def test_fast_path_equals_reference(fixtures_dir):
                ph._postprocess_hv_reference(maps['class_probs'], maps['np'][..., 0], maps['hv'], **opts))
 
 
+def test_fast_path_equals_reference_on_consep_at_both_sizes(consep_official):
+  """A real 1000² CoNSeP Test tile and its nine 256² crops (PanNuke's size), ideal and noisy maps: the fast
+  path equals the plain restatement at every size users run (the fixtures above are 256² only)."""
+  rng = np.random.default_rng(1)
+  record = next(iter(consep.iter_split(consep_official, 'test')))
+  ideal = ph.oracle_maps(record['instance_map'], record['instance_classes'], 4)
+  crop = lambda maps: [{k: v[y:y + 256, x:x + 256] for k, v in maps.items()} for y in (0, 256, 512)
+                       for x in (0, 256, 512)]
+  # The whole noisy tile is left out only for time (its reference takes ~15 s); its crops are in.
+  for m in [ideal] + crop(ideal) + crop(_noisy(ideal, rng)):
+      _assert_same(ph.postprocess_hv_maps(m), ph._postprocess_hv_reference(m['class_probs'], m['np'][..., 0], m['hv']))
+
+
 def test_type_vote_prefers_nuclear_types():
   # One square nucleus whose TP argmax is background on 60 % of it and class 3 / class 2 on 20 % each:
   # the official takes the most frequent non-background type, ties to the smaller: 2.
