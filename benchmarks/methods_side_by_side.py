@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 import time
@@ -86,16 +85,6 @@ def random_model(config: ml_collections.ConfigDict) -> nnx.Module:
   return model
 
 
-def _median_seconds(fn, runs: int) -> float:
-  fn()  # warm-up (and compile)
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def measure_size(config, model) -> dict[str, float]:
   m = margin_of(model)
   out = {'params_m': methods.get(config).parameter_counts(model)['total'] / 1e6}
@@ -111,7 +100,8 @@ def measure_model(config, model) -> dict[str, float]:
   images = jax.random.randint(jax.random.key(0), (_BATCH.value, 256 + 2 * m, 256 + 2 * m, 3), 0, 256,
                               jnp.int32).astype(jnp.uint8)
   forward = jax.jit(lambda state, x: method.maps(nnx.merge(graphdef, state)(x)))
-  seconds = _median_seconds(lambda: jax.block_until_ready(forward(state, images)), _RUNS.value)
+  seconds = _machine.median_seconds(lambda: jax.block_until_ready(forward(state, images)), _RUNS.value,
+                                    warmup=True)
   return {'model_tiles_s': _BATCH.value / seconds}
 
 
@@ -132,7 +122,8 @@ def measure_post(config, crops) -> dict[str, float]:
   method = methods.get(config)
   maps = [method.oracle_maps(c['instance_map'], c['instance_classes'], NUM_CLASSES, config) for c in crops]
   kwargs = method.postprocess_kwargs(config)
-  seconds = _median_seconds(lambda: [method.postprocess_fn(m, **kwargs) for m in maps], _RUNS.value)
+  seconds = _machine.median_seconds(lambda: [method.postprocess_fn(m, **kwargs) for m in maps], _RUNS.value,
+                                    warmup=True)
   return {'post_tiles_s': len(maps) / seconds}
 
 

@@ -11,9 +11,7 @@ maps are not ideal. Prints medians over repeats and the speed-up; never asserted
 import argparse
 import itertools
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -36,15 +34,6 @@ def _maps(consep_dir: str, n: int, noise: float, seed: int = 0) -> list[dict[str
   return out
 
 
-def _time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('--consep_dir', default='.data/CoNSeP')
@@ -59,8 +48,8 @@ def main() -> None:
   ref = lambda m: ph._postprocess_hv_reference(m['class_probs'], m['np'][..., 0], m['hv'])
   for size, maps in (('256^2', crops), ('1000^2', tiles)):
     n = len(maps)
-    t_ref = _time(lambda: [ref(m) for m in maps], args.repeats)
-    t_fast = _time(lambda: [ph.postprocess_hv_maps(m) for m in maps], args.repeats)
+    t_ref = _machine.median_seconds(lambda: [ref(m) for m in maps], args.repeats)
+    t_fast = _machine.median_seconds(lambda: [ph.postprocess_hv_maps(m) for m in maps], args.repeats)
     print(f'{size}: {n} tiles, noise {args.noise} | reference {n / t_ref:7.2f} tiles/s | postprocess_hv '
           f'{n / t_fast:7.2f} tiles/s | speed-up {t_ref / t_fast:4.1f}x', flush=True)
 

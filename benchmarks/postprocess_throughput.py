@@ -18,9 +18,7 @@ import argparse
 import itertools
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -52,15 +50,6 @@ def _crops(maps):
   return [m[y:y + 256, x:x + 256] for m in maps for y in (0, 372, 744) for x in (0, 372, 744)]
 
 
-def _time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('--consep_dir', default='.data/CoNSeP')
@@ -84,9 +73,11 @@ def main() -> None:
     proc.map(maps(noisy_p[:1] * args.workers, noisy_d[:1] * args.workers))  # start the workers
     for name, ps, ds in sets:
       n = len(ps)
-      t_ref = _time(lambda: [pp._postprocess_reference(p, d, num_classes=4) for p, d in zip(ps, ds)], args.repeats)
-      t_one = _time(lambda: [pp.postprocess(p, d, num_classes=4) for p, d in zip(ps, ds)], args.repeats)
-      t_pool = _time(lambda: proc.map(maps(ps, ds)), args.repeats)
+      t_ref = _machine.median_seconds(
+          lambda: [pp._postprocess_reference(p, d, num_classes=4) for p, d in zip(ps, ds)], args.repeats)
+      t_one = _machine.median_seconds(
+          lambda: [pp.postprocess(p, d, num_classes=4) for p, d in zip(ps, ds)], args.repeats)
+      t_pool = _machine.median_seconds(lambda: proc.map(maps(ps, ds)), args.repeats)
       print(f'{name}: {n} tiles | restatement {n / t_ref:7.2f} tiles/s | postprocess one process '
             f'{n / t_one:7.2f} ({t_ref / t_one:4.1f}x) | warm pool of {args.workers} {n / t_pool:7.2f} '
             f'({t_ref / t_pool:4.1f}x)', flush=True)
