@@ -128,7 +128,8 @@ def test_convert_cli_dispatches_on_the_method(tmp_path):
   cmd = [sys.executable, '-m', 'dualunet_jax.convert', f'--from={tmp_path / "hovernet_original_consep.tar"}',
          '--config=configs/hovernet_consep.py', f'--workdir={tmp_path / "w"}',
          f'--config.model.width_multiplier={TINY}']
-  env = dict(__import__('os').environ, JAX_PLATFORMS='cpu')
+  import os
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
   done = subprocess.run(cmd, cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
                         timeout=300, env=env)
   assert done.returncode == 0, done.stderr[-2000:]

@@ -1,6 +1,7 @@
 """HoVer-Net through the shared stack: training loop, eval CLI, prediction engine, Segmenter, TTA, oracle."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import dualunet_jax
 from configs import hovernet_consep
 from dualunet_jax import checkpointing, inference, methods, models, oracle, trainer
 from dualunet_jax.data import consep, synthetic
@@ -62,7 +64,7 @@ def test_training_loop_and_checkpoint(trained):
 
 def test_eval_cli_on_a_hovernet_workdir(trained):
   workdir, _, _, data_dir = trained
-  env = dict(__import__('os').environ, JAX_PLATFORMS='cpu')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
   cmd = [sys.executable, '-m', 'dualunet_jax.eval', '--config=configs/hovernet_consep.py:fast',
          f'--workdir={workdir}', '--checkpoint=last', '--config.dataset.name=synthetic',
@@ -90,7 +92,7 @@ def test_engine_and_segmenter_feed_context_to_valid_convolutions(trained, tmp_pa
   inference.predict([inference.InputSpec(tmp_path / 'tile.png', mpp=0.5)], predictor, tmp_path / 'out', options)
   engine_map = np.load(tmp_path / 'out' / 'tile_instances.npy')
   assert engine_map.shape == image.shape[:2]
-  seg = __import__('dualunet_jax').Segmenter.from_workdir(workdir, which='last', tile_size=96, overlap=32)
+  seg = dualunet_jax.Segmenter.from_workdir(workdir, which='last', tile_size=96, overlap=32)
   result = seg(image)
   np.testing.assert_array_equal(result.instance_map, engine_map)
 
