@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch (CPU build, for the checkpoint-converter tests) is installed only where it is available locally
-	$(PIP) install -q -e ".[test,wsi]"
+	$(PIP) install -q -e ".[test,wsi,fast]"
 	-$(PIP) install -q "torch==2.13.0" 2>/dev/null || echo "torch not installed: converter tests that need it will skip"
 	touch $(STAMP)
 

@@ -101,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.postprocess.compactness = 1.0
   config.postprocess.relabel_connectivity = 1  # 1: 4-connected (reference eval), 2: 8-connected (inference)
   config.postprocess.workers = 0  # host processes for post-processing (0 = os.cpu_count())
+  config.postprocess.backend = 'auto'  # auto: compiled kernels when numba is installed (same output) | numba | numpy
 
   # ---------------------------------------------------------------- optimisation (reference §6)
   config.train = ml_collections.ConfigDict()

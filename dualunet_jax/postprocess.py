@@ -30,6 +30,9 @@ tests/test_postprocess.py and tests/test_postprocess_exact.py):
   per-instance masks.
 - the watershed runs only on foreground components with two or more marker labels, on their bounding box,
   unless two markers of one component tie (then one whole-image call); see `_watershed`.
+With numba installed (the `fast` extra; `backend='auto'` or 'numba'), steps 2, 6 and 7 run compiled exact
+restatements of skimage's reconstruction and watershed and scipy's distance transform instead
+(postprocess_kernels.py); 'numpy' forces the path above. The output is the same either way (tested).
 
 `marker='peak_local_max'` (not in the reference) replaces steps 2-4 by skimage `peak_local_max(r,
 min_distance, threshold_abs=threshold, exclude_border=False)`, one marker per peak.
@@ -48,7 +51,10 @@ import scipy.ndimage as ndi
 from numpy.lib.stride_tricks import sliding_window_view
 from skimage import exposure, feature, morphology, segmentation
 
+from dualunet_jax import postprocess_kernels as kernels
+
 MARKERS = ('hmaxima', 'peak_local_max')
+BACKENDS = ('auto', 'numba', 'numpy')
 _CROSS = ndi.generate_binary_structure(2, 1)
 _SQUARE = ndi.generate_binary_structure(2, 2)
 
@@ -81,8 +87,18 @@ class Instances:
 
 def from_config(postprocess_config: Mapping[str, Any]) -> dict[str, Any]:
   """The `postprocess` keyword arguments held by `config.postprocess` (the `workers` field is left out)."""
-  keys = ('marker', 'h', 'min_distance', 'threshold', 'compactness', 'relabel_connectivity')
+  keys = ('marker', 'h', 'min_distance', 'threshold', 'compactness', 'relabel_connectivity', 'backend')
   return {k: postprocess_config[k] for k in keys if k in postprocess_config}
+
+
+def use_kernels(backend: str) -> bool:
+  """Whether `backend` ('auto' | 'numba' | 'numpy') runs the compiled kernels (postprocess_kernels.py)."""
+  if backend not in BACKENDS:
+    raise PostprocessError(f'backend must be one of {BACKENDS}, got {backend!r}')
+  if backend == 'numba' and not kernels.available():
+    raise PostprocessError('backend numba needs numba installed (pip install "dualunet-jax[fast]") and '
+                           f'${kernels.DISABLE_ENV} unset')
+  return backend == 'numba' or (backend == 'auto' and kernels.available())
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -193,7 +209,7 @@ def _window_decisions(rp: np.ndarray, sp: np.ndarray, k: int, cy: np.ndarray, cx
   return dead, ~ring
 
 
-def h_maxima(r: np.ndarray, h: float) -> np.ndarray:
+def h_maxima(r: np.ndarray, h: float, *, backend: str = 'auto') -> np.ndarray:
   """skimage `h_maxima(r, h)` (3x3 footprint) for a float32 [H, W] r and a python float h > 0, bit-identical.
 
   skimage selects p iff fl32(r(p) - rec(p)) >= h, rec = greyscale reconstruction by dilation of the seed
@@ -206,11 +222,14 @@ def h_maxima(r: np.ndarray, h: float) -> np.ndarray:
   - the rest by certificates: a straight path above T to a pixel with s > T (not selected), the component in
     a window around p (holding s > T: not selected; off the window's ring: it is C(p), exact), and finally
     whole-image labels (or skimage itself when many pixels are still undecided).
+  With the compiled kernels (`backend`, see `use_kernels`), rec itself is computed exactly instead
+  (`postprocess_kernels.reconstruct_dilation`) and compared as skimage does.
   Other inputs (dtypes, h, non-finite values) go to skimage unchanged.
 
   Args:
     r: float32[H, W] rescaled density.
     h: the h-maxima height.
+    backend: 'auto' | 'numba' | 'numpy'.
 
   Returns:
     uint8[H, W], 1 on the pixels of maxima of dynamic >= h.
@@ -223,9 +242,11 @@ def h_maxima(r: np.ndarray, h: float) -> np.ndarray:
     return out
   if not np.isfinite(r).all():
     return morphology.h_maxima(r, h)
+  s = r - h - 2 * np.finfo(np.float32).resolution * np.abs(r)  # skimage's seed, bit for bit
+  if use_kernels(backend):
+    return ((r - kernels.reconstruct_dilation(s, r)) >= h).astype(np.uint8)  # skimage's residue test
   hgt, wid = r.shape
   hf = np.float32(h)
-  s = r - h - 2 * np.finfo(np.float32).resolution * np.abs(r)  # skimage's seed, bit for bit
   rf, sf = r.ravel(), s.ravel()
   rmin, smax = rf.min(), sf.max()
   eps = np.float32(2e-5 * (float(np.abs(rf).max()) + h))  # > the float32 slack of the bounds above
@@ -269,9 +290,9 @@ def h_maxima(r: np.ndarray, h: float) -> np.ndarray:
   return out
 
 
-def _hmaxima_markers(r: np.ndarray, h: float) -> np.ndarray:
+def _hmaxima_markers(r: np.ndarray, h: float, backend: str = 'auto') -> np.ndarray:
   """Steps 2-4: int32[H, W] markers 1..M from the h-maxima of the rescaled map."""
-  hmax = h_maxima(r, h)  # uint8, all zero when h > ptp(r)
+  hmax = h_maxima(r, h, backend=backend)  # uint8, all zero when h > ptp(r)
   idx = np.flatnonzero(hmax)
   if not (hmax[1:] & hmax[:-1]).any() and not (hmax[:, 1:] & hmax[:, :-1]).any():
     # Usual case: isolated pixels, each its own component, seed and marker (numbered in raster order).
@@ -306,18 +327,21 @@ def _peak_markers(r: np.ndarray, min_distance: int, threshold: float) -> np.ndar
 
 
 def markers_from_density(density: np.ndarray, *, marker: str = 'hmaxima', h: float = 0.15, min_distance: int = 3,
-                         threshold: float = 0.1) -> np.ndarray:
+                         threshold: float = 0.1, backend: str = 'auto') -> np.ndarray:
   """Steps 1-4 (or the `peak_local_max` variant): int32[H, W] markers 1..M from a float[H, W] density."""
   if marker not in MARKERS:
     raise PostprocessError(f'marker must be one of {MARKERS}, got {marker!r}')
   r = rescale(density)
   if marker == 'hmaxima':
-    return _hmaxima_markers(r, float(h))
+    return _hmaxima_markers(r, float(h), backend)
   return _peak_markers(r, min_distance, threshold)
 
 
-def _watershed(fg: np.ndarray, markers: np.ndarray, compactness: float) -> np.ndarray:
+def _watershed(fg: np.ndarray, markers: np.ndarray, compactness: float, backend: str = 'auto') -> np.ndarray:
   """Steps 6-7: skimage `watershed(-distance_transform_edt(fg), markers, mask=fg, compactness)`, identical.
+
+  With the compiled kernels (`use_kernels(backend)`): their exact distance transform and watershed on the
+  whole image, as the reference calls them. Otherwise:
 
   The watershed floods the 4-connected components of fg independently (its connectivity 1), and a component's
   result depends only on the order of its own heap items: items compare by (value, age), ages are unique and
@@ -330,6 +354,11 @@ def _watershed(fg: np.ndarray, markers: np.ndarray, compactness: float) -> np.nd
     component's pixel lies inside it, as the first pixel past the component along its row or column does);
   - if a component's markers tie, the one global call is made, as the reference does.
   """
+  if use_kernels(backend):
+    dist = kernels.distance_transform_edt(fg)
+    if dist is None:  # no background pixel: scipy's own convention
+      dist = ndi.distance_transform_edt(fg)
+    return kernels.watershed(-dist, markers, fg, compactness)
   comps, n = ndi.label(fg, structure=_CROSS)
   ws = np.zeros(fg.shape, np.int32)
   mpos = np.flatnonzero(markers.ravel() * fg.ravel())
@@ -442,7 +471,7 @@ def _check(class_probs: np.ndarray, density: np.ndarray) -> tuple[np.ndarray, in
 
 def postprocess(class_probs: np.ndarray, density: np.ndarray, *, marker: str = 'hmaxima', h: float = 0.15,
                 min_distance: int = 3, threshold: float = 0.1, compactness: float = 1.0,
-                relabel_connectivity: int = 1, num_classes: int | None = None) -> Instances:
+                relabel_connectivity: int = 1, num_classes: int | None = None, backend: str = 'auto') -> Instances:
   """Instances of one tile from the two model outputs (reference §4; see the module docstring).
 
   Args:
@@ -455,6 +484,8 @@ def postprocess(class_probs: np.ndarray, density: np.ndarray, *, marker: str = '
     compactness: compact-watershed compactness (reference 1).
     relabel_connectivity: 1 = 4-connected relabelling (reference eval), 2 = 8-connected (reference inference).
     num_classes: K; defaults to C - 1 for probabilities, to max(class map) for a class map.
+    backend: 'auto' (compiled kernels when numba is installed, else numpy) | 'numba' | 'numpy'; the output
+      is identical either way.
 
   Returns:
     `Instances` (int32 instance/class maps, int32[M] classes, float32[M, 2] (y, x) centroids, int64[K]
@@ -463,16 +494,20 @@ def postprocess(class_probs: np.ndarray, density: np.ndarray, *, marker: str = '
   a, k, density = _check(class_probs, density)
   if num_classes is None:
     num_classes = k if k is not None else int(a.max(initial=0))
-  markers = markers_from_density(density, marker=marker, h=h, min_distance=min_distance, threshold=threshold)
-  ws = _watershed(a > 0, markers, compactness)
+  markers = markers_from_density(density, marker=marker, h=h, min_distance=min_distance, threshold=threshold,
+                                 backend=backend)
+  ws = _watershed(a > 0, markers, compactness, backend)
   return _finish(ws, a, num_classes, relabel_connectivity)
 
 
 def _postprocess_reference(class_probs: np.ndarray, density: np.ndarray, *, marker: str = 'hmaxima',
                            h: float = 0.15, min_distance: int = 3, threshold: float = 0.1,
                            compactness: float = 1.0, relabel_connectivity: int = 1,
-                           num_classes: int | None = None) -> Instances:
-  """Plain whole-image restatement of reference §4 (a per-instance loop; for tests and the benchmark)."""
+                           num_classes: int | None = None, backend: str = 'auto') -> Instances:
+  """Plain whole-image restatement of reference §4 (a per-instance loop; for tests and the benchmark).
+
+  `backend` is accepted so that both functions take the same options, and ignored: the restatement always
+  calls the libraries."""
   a, k, density = _check(class_probs, density)
   if num_classes is None:
     num_classes = k if k is not None else int(a.max(initial=0))

@@ -1,20 +1,24 @@
-"""The fast post-processing path is *identical* to the plain restatement of the reference
-(`_postprocess_reference`) and its `h_maxima` to scikit-image's: on real CoNSeP Test oracle maps cut into
-PanNuke-sized 256² crops, on a trained model's maps, and on hundreds of small adversarial maps (plateaus, equal
-and nested peaks, steps of exactly h, constant, empty and negative maps, tiny and non-square tiles)."""
+"""The fast post-processing paths (numpy, and the compiled kernels when numba is installed) are *identical* to
+the plain restatement of the reference (`_postprocess_reference`) and their `h_maxima` to scikit-image's: on
+real CoNSeP Test oracle maps cut into PanNuke-sized 256² crops, on a trained model's maps, and on hundreds of
+small adversarial maps (plateaus, equal and nested peaks, steps of exactly h, constant, empty and negative maps,
+tiny and non-square tiles). Each kernel is also checked against the library call it restates."""
 
 import pathlib
 
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
-from skimage import morphology
+from skimage import morphology, segmentation
 
 from dualunet_jax import postprocess as pp
+from dualunet_jax import postprocess_kernels as kernels
 
 DATA = pathlib.Path(__file__).resolve().parent / 'data'
 FIELDS = ('instance_map', 'classes', 'class_map', 'counts')
 SHAPES = ((1, 1), (1, 7), (6, 1), (2, 3), (5, 5), (9, 4), (16, 16), (23, 31), (40, 33), (64, 48))
+BACKENDS = ('numpy', pytest.param('numba', marks=pytest.mark.skipif(
+    not kernels.available(), reason='numba is not installed (the `fast` extra): only the numpy path is tested')))
 
 
 def _assert_same(a: pp.Instances, b: pp.Instances, msg: str = ''):
@@ -65,13 +69,15 @@ def _blobs(rng: np.random.Generator, shape: tuple[int, int], k: int) -> np.ndarr
   return cm
 
 
-def test_h_maxima_identical_to_skimage_on_adversarial_maps():
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_h_maxima_identical_to_skimage_on_adversarial_maps(backend):
   rng = np.random.default_rng(0)
   for i in range(400):
     shape = SHAPES[i % len(SHAPES)]
     r = pp.rescale(_adversarial_density(rng, shape))
     for h in (0.15, float(rng.choice([0.05, 0.3, 1.0, 1e-3]))):
-      np.testing.assert_array_equal(pp.h_maxima(r, h), morphology.h_maxima(r, h), err_msg=f'map {i} h {h}')
+      np.testing.assert_array_equal(pp.h_maxima(r, h, backend=backend), morphology.h_maxima(r, h),
+                                    err_msg=f'map {i} h {h}')
 
 
 def test_h_maxima_threshold_search_is_exact():
@@ -85,7 +91,8 @@ def test_h_maxima_threshold_search_is_exact():
     np.testing.assert_array_equal(t, pp._bisect_thresholds(m, hf))
 
 
-def test_postprocess_identical_to_reference_on_adversarial_maps():
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_postprocess_identical_to_reference_on_adversarial_maps(backend):
   rng = np.random.default_rng(2)
   options = ({}, {'relabel_connectivity': 2}, {'compactness': 0.0}, {'compactness': 0.5, 'h': 0.05},
              {'marker': 'peak_local_max', 'min_distance': 1, 'threshold': 0.05}, {'marker': 'peak_local_max'})
@@ -98,20 +105,22 @@ def test_postprocess_identical_to_reference_on_adversarial_maps():
     kw = options[i % len(options)]
     for p in (cm, probs):
       want = pp._postprocess_reference(p, dens, num_classes=k, **kw)
-      _assert_same(pp.postprocess(p, dens, num_classes=k, **kw), want, f'map {i} {kw}')
+      _assert_same(pp.postprocess(p, dens, num_classes=k, backend=backend, **kw), want, f'map {i} {kw}')
 
 
-def test_postprocess_identical_to_reference_on_trained_model_maps():
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_postprocess_identical_to_reference_on_trained_model_maps(backend):
   # Outputs of a width-1/8 DualU-Net trained 300 steps on CoNSeP Train (F1d 0.53 on Test) for four 256² Test
   # crops: argmax class map and the density (rounded to float16 to keep the file small). Rough maps: ~3,000
   # local maxima per crop and negative values, so nearly every maximum needs a certificate.
   z = np.load(DATA / 'postprocess_model_maps.npz')
   for cm, dens, name in zip(z['class_map'].astype(np.int32), z['density'].astype(np.float32), z['crops']):
     r = pp.rescale(dens)
-    np.testing.assert_array_equal(pp.h_maxima(r, 0.15), morphology.h_maxima(r, 0.15), err_msg=name)
-    for kw in ({}, {'h': 0.05}, {'relabel_connectivity': 2}):
+    np.testing.assert_array_equal(pp.h_maxima(r, 0.15, backend=backend), morphology.h_maxima(r, 0.15),
+                                  err_msg=name)
+    for kw in ({}, {'h': 0.05}, {'relabel_connectivity': 2}, {'compactness': 0.0}):
       want = pp._postprocess_reference(cm, dens, num_classes=4, **kw)
-      _assert_same(pp.postprocess(cm, dens, num_classes=4, **kw), want, f'{name} {kw}')
+      _assert_same(pp.postprocess(cm, dens, num_classes=4, backend=backend, **kw), want, f'{name} {kw}')
 
 
 def _consep_oracle_crops(consep_dir: pathlib.Path):
@@ -131,9 +140,11 @@ def test_postprocess_identical_to_reference_on_consep_256_crops(consep_official)
   # The defect this file guards against: on 16 of these 126 crops the old cropped reconstruction selected
   # border pixels of rescaled density 0.03-0.05 (test_10[256:512, 256:512]: 71 instances instead of 69).
   counts = {}
+  backends = ['numpy'] + (['numba'] if kernels.available() else [])  # one reference run serves both
   for name, cm, dens in _consep_oracle_crops(consep_official):
     ref = pp._postprocess_reference(cm, dens, num_classes=4)
-    _assert_same(pp.postprocess(cm, dens, num_classes=4), ref, name)
+    for backend in backends:
+      _assert_same(pp.postprocess(cm, dens, num_classes=4, backend=backend), ref, f'{name} {backend}')
     counts[name] = ref.num_instances
   assert len(counts) == 126 and counts['test_10[256:512, 256:512]'] == 69
 
@@ -169,3 +180,57 @@ def test_watershed_components_split_tie_and_whole_paths():
     want = segmentation.watershed(-dist, no_tie, mask=fg, compactness=compactness)
     np.testing.assert_array_equal(pp._watershed(fg, no_tie, compactness), want)
   assert (pp._watershed(fg, markers, 1.0)[2:9, 2:9] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+# The kernels are checked against the library calls they restate; without numba they run as plain Python
+# (slow but the same code), so these tests run everywhere, on small maps.
+
+
+def test_kernel_reconstruction_equals_skimage():
+  rng = np.random.default_rng(4)
+  for i in range(120):
+    shape = SHAPES[i % len(SHAPES)]
+    r = pp.rescale(_adversarial_density(rng, shape))
+    seed = r - np.float32(rng.choice([0.15, 0.05, 1e-3])) - 2 * np.finfo(np.float32).resolution * np.abs(r)
+    np.testing.assert_array_equal(kernels.reconstruct_dilation(seed, r),
+                                  morphology.reconstruction(seed, r, method='dilation'), err_msg=f'map {i}')
+
+
+def test_kernel_distance_transform_equals_scipy():
+  rng = np.random.default_rng(5)
+  for i in range(120):
+    shape = SHAPES[i % len(SHAPES)]
+    fg = _blobs(rng, shape, 1) > 0 if i % 2 else rng.random(shape) < rng.uniform(0.2, 0.97)
+    got = kernels.distance_transform_edt(fg)
+    if fg.all():
+      assert got is None  # scipy's own rule for an image without background; the caller uses scipy
+    else:
+      np.testing.assert_array_equal(got, ndi.distance_transform_edt(fg), err_msg=f'map {i}')
+
+
+def test_kernel_watershed_equals_skimage_including_marker_ties():
+  rng = np.random.default_rng(6)
+  for i in range(120):
+    shape = SHAPES[i % len(SHAPES)]
+    fg = _blobs(rng, shape, 1) > 0
+    dist = ndi.distance_transform_edt(fg)
+    image = -np.round(dist) if i % 2 else -dist  # rounded: many equal costs, markers that tie
+    markers = np.zeros(shape, np.int32)
+    n = int(rng.integers(0, 9))
+    markers[rng.integers(0, shape[0], n), rng.integers(0, shape[1], n)] = np.arange(1, n + 1)
+    for compactness in (0.0, 1.0, 0.37):
+      np.testing.assert_array_equal(kernels.watershed(image, markers, fg, compactness),
+                                    segmentation.watershed(image, markers, mask=fg, compactness=compactness),
+                                    err_msg=f'map {i} compactness {compactness}')
+
+
+def test_backend_choice_and_errors(monkeypatch):
+  assert not pp.use_kernels('numpy')
+  with pytest.raises(pp.PostprocessError, match='backend must be one of'):
+    pp.use_kernels('cuda')
+  monkeypatch.setenv(kernels.DISABLE_ENV, '1')
+  assert not kernels.available() and not pp.use_kernels('auto')
+  with pytest.raises(pp.PostprocessError, match='needs numba installed'):
+    pp.use_kernels('numba')
+  assert 'backend' in pp.from_config({'h': 0.15, 'backend': 'numpy', 'workers': 2})
