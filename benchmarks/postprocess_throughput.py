@@ -11,7 +11,9 @@ Maps (each line says which):
 - `trained model`: the four 256² crops of tests/data/postprocess_model_maps.npz (a width-1/8 model trained
   300 steps on CoNSeP: rough maps with ~3,000 local maxima per crop).
 Timings are medians over --repeats of the whole set; ratios are against the restatement in the same run,
-one process each (pool figures use --workers processes). Nothing is asserted.
+one process each (pool figures use --workers processes and the default backend). `postprocess` is timed with
+each backend: `numpy` (the pure path) and, when numba is installed, `numba` (the compiled kernels, the
+default then). Nothing is asserted.
 """
 
 import argparse
@@ -29,6 +31,7 @@ import _machine  # noqa: E402  (benchmarks/_machine.py: scripts run with benchma
 from dualunet_jax import oracle  # noqa: E402
 from dualunet_jax.data import consep  # noqa: E402
 from dualunet_jax import postprocess as pp  # noqa: E402
+from dualunet_jax import postprocess_kernels  # noqa: E402
 
 MODEL_MAPS = pathlib.Path(__file__).resolve().parents[1] / 'tests' / 'data' / 'postprocess_model_maps.npz'
 
@@ -68,6 +71,9 @@ def main() -> None:
           ('256^2 trained model', model_p * 4, model_d * 4),
           ('1000^2 noisy oracle', noisy_p, noisy_d),
           ('1000^2 clean oracle', clean_p, clean_d)]
+  backends = ['numpy'] + (['numba'] if postprocess_kernels.available() else [])
+  print(f"backends: {', '.join(backends)}" + ('' if 'numba' in backends else ' (numba not installed)'))
+  pp.postprocess(model_p[0], model_d[0], num_classes=4)  # load (or compile) the kernels before timing
   with pp.PostProcessor(workers=args.workers, num_classes=4) as proc:
     maps = lambda ps, ds: [{'class_probs': p, 'density': d} for p, d in zip(ps, ds)]
     proc.map(maps(noisy_p[:1] * args.workers, noisy_d[:1] * args.workers))  # start the workers
@@ -75,12 +81,14 @@ def main() -> None:
       n = len(ps)
       t_ref = _machine.median_seconds(
           lambda: [pp._postprocess_reference(p, d, num_classes=4) for p, d in zip(ps, ds)], args.repeats)
-      t_one = _machine.median_seconds(
-          lambda: [pp.postprocess(p, d, num_classes=4) for p, d in zip(ps, ds)], args.repeats)
+      ones = ''
+      for backend in backends:
+        t_one = _machine.median_seconds(
+            lambda: [pp.postprocess(p, d, num_classes=4, backend=backend) for p, d in zip(ps, ds)], args.repeats)
+        ones += f' | {backend} one process {n / t_one:7.2f} ({t_ref / t_one:4.1f}x)'
       t_pool = _machine.median_seconds(lambda: proc.map(maps(ps, ds)), args.repeats)
-      print(f'{name}: {n} tiles | restatement {n / t_ref:7.2f} tiles/s | postprocess one process '
-            f'{n / t_one:7.2f} ({t_ref / t_one:4.1f}x) | warm pool of {args.workers} {n / t_pool:7.2f} '
-            f'({t_ref / t_pool:4.1f}x)', flush=True)
+      print(f'{name}: {n} tiles | restatement {n / t_ref:7.2f} tiles/s{ones} | warm pool of {args.workers} '
+            f'{n / t_pool:7.2f} ({t_ref / t_pool:4.1f}x)', flush=True)
 
 
 if __name__ == '__main__':

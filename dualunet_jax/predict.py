@@ -48,6 +48,8 @@ flags.DEFINE_integer('workers', 0, 'Post-processing processes (0: one per CPU co
 flags.DEFINE_enum('stain_norm', 'none', ['none', 'reinhard', 'macenko'],
                   "Stain normalisation onto the training split's colours (W/stain_stats.json), fitted per input "
                   'on its thumbnail.')
+flags.DEFINE_bool('refine', True, 'Use the refinement stage of a checkpoint that holds one (two-stage '
+                  'enhancement); --norefine predicts with its stage-1 model alone.')
 flags.DEFINE_bool('keep_work', False, 'Keep per-row result shards after export.')
 flags.DEFINE_bool('progress', True, 'Show a progress bar.')
 
@@ -61,7 +63,7 @@ def _fail(error: Exception):
 def _predictor(checkpoints: list[str], tta_views: int):
   from dualunet_jax.inference import engine
   if checkpoints:
-    return engine.checkpoint_predictor(checkpoints, which=FLAGS.which, tta_views=tta_views)
+    return engine.checkpoint_predictor(checkpoints, which=FLAGS.which, tta_views=tta_views, refine=FLAGS.refine)
   from flax import nnx
   from dualunet_jax import methods
   config = FLAGS.config

@@ -5,6 +5,7 @@ self-contained workdir predicting through the Segmenter."""
 import jax
 import numpy as np
 from flax import nnx
+from PIL import Image
 
 from configs import demo, refine_consep
 from dualunet_jax import checkpointing, methods, models, refinement, trainer
@@ -52,3 +53,23 @@ def test_stage2_run_trains_only_the_refinement_and_scores_both(tmp_path):
   seg = dualunet_jax.Segmenter.from_workdir(tmp_path / 's2', which='last', tile_size=64, overlap=16)
   result = seg(synthetic.render_tile(3, size=96, num_classes=3)['image'])
   assert result.instance_map.shape == (96, 96)
+
+  # predict on the refinement workdir: refined by default, the stage-1 model alone with refine=False
+  # (`predict --norefine`); in-process, as the CLI calls it, to keep the test cheap.
+  from dualunet_jax.inference import engine
+  Image.fromarray(synthetic.render_tile(5, size=96, num_classes=3)['image']).save(tmp_path / 'tile.png')
+  instances = {}
+  for refine in (True, False):
+    predictor, cfg, identity = engine.checkpoint_predictor([tmp_path / 's2'], which='last', refine=refine)
+    assert isinstance(methods.get(cfg), refinement.RefinedMethod) == refine
+    options = engine.Options(model_mpp=0.5, class_names=tuple(cfg.dataset.class_names), tile_size=64, overlap=16,
+                             formats=('geojson', 'csv', 'maps'), workers=1, predictor_id=identity, progress=False,
+                             postprocess=methods.get(cfg).postprocess_kwargs(cfg))
+    out_dir = tmp_path / f'pred_{refine}'
+    engine.predict([tmp_path / 'tile.png'], predictor, out_dir, options)
+    assert (out_dir / 'tile.geojson').is_file() and (out_dir / 'tile.csv').is_file()
+    instances[refine] = np.load(out_dir / 'tile_instances.npy')
+  # The refined foreground replaces stage 1's in the watershed mask: the two predictions differ.
+  assert instances[True].shape == instances[False].shape == (96, 96)
+  assert (instances[True] > 0).any() or (instances[False] > 0).any()
+  assert not np.array_equal(instances[True] > 0, instances[False] > 0)

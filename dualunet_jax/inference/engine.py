@@ -571,16 +571,23 @@ def model_predictor(models: Sequence[Any], *, method: Any = None, tta_views: int
 
 
 def checkpoint_predictor(checkpoints: Sequence[str | os.PathLike], *, which: str | int = 'best',
-                         tta_views: int = 1) -> tuple[Predictor, Any, str]:
+                         tta_views: int = 1, refine: bool = True) -> tuple[Predictor, Any, str]:
   """Restores checkpoints (workdirs or step folders) of one method into one ensemble predictor.
+
+  Args:
+    refine: a checkpoint that holds a refinement stage (two-stage enhancement, `refinement.py`) predicts with
+      it; False predicts with its stage-1 model alone (the maps the refinement replaces).
 
   Returns:
     (predictor, config of the first checkpoint, identity string for resume signatures).
   """
-  from dualunet_jax import checkpointing, methods
+  from dualunet_jax import checkpointing, methods, refinement
   models, configs = [], []
   for path in checkpoints:
     model, config = checkpointing.restore_for_inference(path, which)
+    if not refine and refinement.is_two_stage(config):
+      model = model.stage1
+      config.refine.mode = ''  # the stage-1 method from here on (`methods.get`)
     models.append(model)
     configs.append(config)
   first = configs[0]
@@ -591,7 +598,7 @@ def checkpoint_predictor(checkpoints: Sequence[str | os.PathLike], *, which: str
                        f'{methods.method_name(config)}/{config.dataset.num_classes}/{config.dataset.mpp} vs '
                        f'{methods.method_name(first)}/{first.dataset.num_classes}/{first.dataset.mpp}')
   identity = json.dumps({'checkpoints': [str(pathlib.Path(p).resolve()) for p in checkpoints],
-                         'which': str(which), 'tta_views': tta_views})
+                         'which': str(which), 'tta_views': tta_views, **({} if refine else {'refine': False})})
   return model_predictor(models, method=methods.get(first), tta_views=tta_views), first, identity
 
 
