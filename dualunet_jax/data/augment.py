@@ -388,7 +388,9 @@ def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], augment_config
       Read at trace time: pass it as a closure / static argument under `jax.jit`.
     vector_keys: names of [B, H, W, 2] vector fields (horizontal, vertical components, e.g. HoVer-Net's HV
       targets) that also rotate under flips and quarter turns; elastic deformation resamples them bilinearly
-      without rotating the vectors (a smooth, small displacement field barely turns them).
+      without rotating the vectors (a smooth, small displacement field barely turns them). The preset
+      ops' transpose swaps their components; their affine / elastic warp recomputes them from the warped
+      instance map (`augment_ops.hv_map`; the batch then needs 'instance_map').
 
   Returns:
     The same keys; 'image' float32[B, H, W, 3] in [0, 1] (uint8 input is divided by 255; float input is taken

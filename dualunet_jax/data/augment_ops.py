@@ -332,7 +332,7 @@ def median_blur(image: jax.Array, size: int) -> jax.Array:
   h, w = image.shape[:2]
   x = jnp.pad(image, ((r, r), (r, r), (0, 0)), mode='reflect')
   patches = jnp.stack([x[i:i + h, j:j + w] for i in range(size) for j in range(size)], 0)
-  return jnp.median(patches, axis=0)
+  return jnp.sort(patches, axis=0)[size * size // 2]  # odd count: the middle value (no NaN-aware quantile)
 
 
 def motion_kernel(length: jax.Array, angle: jax.Array, size: int = MOTION_SIZE) -> jax.Array:
