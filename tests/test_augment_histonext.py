@@ -54,7 +54,8 @@ def test_identity_parameters_are_identities(fixtures_dir):
   np.testing.assert_allclose(out['image'], sample['image'], atol=1e-6)
   img = sample['image']
   he, noise, blur, gamma, sharp, motion = jax.jit(lambda x: (
-      augment_ops.he_intensity(x, jnp.ones(2), jnp.zeros(2)), augment_ops.gaussian_noise(jax.random.key(1), x, 0.0),
+      augment_ops.he_intensity(x, jnp.ones(2), jnp.zeros(2)),
+      augment_ops.gaussian_noise(jax.random.key(1), x, 0.0),
       augment_ops.gaussian_blur(x, 0.0, 2), augment_ops.gamma(x, 1.0), augment_ops.sharpen(x, 0.0, 0.7),
       augment_ops.motion_blur(x, augment_ops.motion_kernel(1.0, 33.0))))(img)
   np.testing.assert_allclose(he, np.maximum(img, 1e-6), atol=2e-6)  # the HED round trip (0 -> 1e-6: log clamp)

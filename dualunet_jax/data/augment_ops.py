@@ -94,7 +94,8 @@ def resolve_augment_preset(augment_config: Any) -> dict[str, Any]:
       continue
     out[field] = bool(value) if field == 'transpose' else int(value) if field == 'clahe_tiles' else float(value)
     if out[field] < 0 or (field in _PROBS and out[field] > 1):
-      raise ValueError(f'config.augment.{field}={value}: expected {"a probability in [0, 1]" if field in _PROBS else ">= 0"}')
+      expected = 'a probability in [0, 1]' if field in _PROBS else '>= 0'
+      raise ValueError(f'config.augment.{field}={value}: expected {expected}')
   if out['clahe_tiles'] < 1 or out['warp_elastic_sigma'] <= 0:
     raise ValueError(f"config.augment: clahe_tiles={out['clahe_tiles']} must be >= 1 and "
                      f"warp_elastic_sigma={out['warp_elastic_sigma']} > 0")
@@ -320,7 +321,8 @@ def _depthwise(image: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def sharpen(image: jax.Array, alpha: jax.Array, lightness: jax.Array) -> jax.Array:
-  """albumentations' Sharpen: (1 - alpha) identity + alpha [[-1, -1, -1], [-1, 8 + lightness, -1], [-1, -1, -1]]."""
+  """albumentations' Sharpen of float32[H, W, 3]: (1 - alpha) identity + alpha [[-1, -1, -1], [-1, 8 + lightness,
+  -1], [-1, -1, -1]], clipped to [0, 1]."""
   ident = jnp.zeros((3, 3), jnp.float32).at[1, 1].set(1.0)
   effect = jnp.full((3, 3), -1.0, jnp.float32).at[1, 1].set(8.0 + lightness)
   return jnp.clip(_depthwise(image, (1 - alpha) * ident + alpha * effect), 0.0, 1.0)
@@ -424,7 +426,8 @@ def pixels(key: jax.Array, image: jax.Array, s: dict[str, jax.Array], static: tu
     kp, kc, kv, ka = k(15)
     choice = jax.random.randint(kc, (), 0, 3)
     sigma = jax.random.uniform(kv, (), jnp.float32, 0.0, s['blur_oneof_sigma'])
-    median = jnp.where(jax.random.bernoulli(jax.random.fold_in(kv, 1)), median_blur(image, 5), median_blur(image, 3))
+    five = jax.random.bernoulli(jax.random.fold_in(kv, 1))
+    median = jnp.where(five, median_blur(image, 5), median_blur(image, 3))
     length = 3.0 + 2.0 * jax.random.randint(ka, (), 0, 3).astype(jnp.float32)
     angle = jax.random.uniform(jax.random.fold_in(ka, 1), (), jnp.float32, 0.0, 180.0)
     motion = motion_blur(image, motion_kernel(length, angle))
