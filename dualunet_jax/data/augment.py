@@ -23,6 +23,12 @@ jitter only; 'strong': wide HED jitter, stain-vector mixing, gamma, brightness, 
 for inter-lab variation; 'none'; 'custom': the fields alone), resolved in one place, `resolve_stain_preset`;
 any colour field set in the config overrides its preset value. Colour ops never touch the targets.
 
+The HistoNeXt and CoNIC-framework sets (`config.augment.preset` = 'histonext' | 'conic'; default 'dualunet':
+none of them) live in `augment_ops.py`: transpose, affine and elastic warps right after this module's own
+geometry (vector targets are recomputed from the warped instance map there), their pixel ops after the colour
+ops above and before `blur_sigma`'s blur. Their keys are `fold_in`s of the per-sample key, so the draws of
+the ops here are the same with or without them.
+
 All randomness is per sample from `jax.random.split(key, B)`; no Python branching on traced values. Any
 augmentation whose config strength is 0 (or flag False) is skipped at trace time.
 """
@@ -36,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dualunet_jax.config_fields import config_field
+from dualunet_jax.data import augment_ops
 
 # Ruifrok & Johnston stain vectors, exactly skimage.color.rgb_from_hed / hed_from_rgb.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float64)
@@ -282,6 +289,9 @@ STAIN_PRESETS: dict[str, dict[str, float]] = {
     # README, Stain robustness.
     'strong': dict(_OFF, hed_scale=0.3, hed_shift=0.02, stain_mix=0.15, gamma=0.5, brightness=0.1,
                    contrast=0.25, saturation=0.3, hue=0.04),
+    # The CoNIC framework's colour jitter (seed_systems §B: brightness, contrast, saturation, hue; no ranges
+    # given): torchvision ColorJitter-style 0.2 / 0.2 / 0.2 and a hue of 0.05 turns (our choice).
+    'conic': dict(_OFF, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
 }
 
 
@@ -311,7 +321,7 @@ def resolve_stain_preset(augment_config: Any) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- per sample
 def _augment_one(key: jax.Array, sample: Batch, strengths: dict[str, jax.Array], static: tuple) -> Batch:
   """One sample: image float32[H, W, 3] in [0, 1] plus maps [H, W]; returns the same layout."""
-  flips, rot90, hed, color, blur_radius, elastic_sigma, vector_keys = static
+  flips, rot90, hed, color, blur_radius, elastic_sigma, vector_keys, extra = static
   k_geo, k_rot, k_el, k_hed, k_col, k_blur = jax.random.split(key, 6)
   image = sample['image']
   h, w = image.shape[:2]
@@ -341,6 +351,9 @@ def _augment_one(key: jax.Array, sample: Batch, strengths: dict[str, jax.Array],
         sampler = _sample_nearest if name in _MAP_KEYS else _sample_bilinear
         out[name] = sampler(out[name], yy, xx)
 
+  if extra[0]:  # the HistoNeXt / CoNIC geometry: transpose, affine, elastic (augment_ops)
+    out = augment_ops.geometry(jax.random.fold_in(key, 100), out, strengths['extra'], extra, vector_keys)
+
   image = out['image']
   if hed:  # `hed`: which of ('jitter', 'mix') are on
     if 'mix' in hed:
@@ -349,6 +362,8 @@ def _augment_one(key: jax.Array, sample: Batch, strengths: dict[str, jax.Array],
       image = _hed_jitter(k_hed, image, strengths['hed_scale'], strengths['hed_shift'])  # the paper's draws
   if color:  # `color`: the names of the other colour ops that are on (see `_stain_ops`)
     image = _stain_ops(k_col, image, strengths, color)
+  if extra[0]:
+    image = augment_ops.pixels(jax.random.fold_in(key, 101), image, strengths['extra'], extra)
   if blur_radius:
     sigma = jax.random.uniform(k_blur, (), jnp.float32, 0.0, strengths['blur_sigma'])
     image = _smooth_2d(image, _gaussian_kernel(sigma, blur_radius))
@@ -367,11 +382,15 @@ def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], augment_config
       (nearest resampling only for class/instance maps; bilinear otherwise); [B] arrays pass through.
     augment_config: `config.augment` (ConfigDict or mapping): flips, rot90 (bools), the colour ops
       (`stain_preset` and the `STAIN_FIELDS`, resolved by `resolve_stain_preset`), blur_sigma, elastic_alpha
-      (RMS displacement, pixels), elastic_sigma (smoothness, pixels).
+      (RMS displacement, pixels), elastic_sigma (smoothness, pixels); `preset` and the
+      `augment_ops.AUGMENT_FIELDS` (the HistoNeXt / CoNIC sets, resolved by
+      `augment_ops.resolve_augment_preset`).
       Read at trace time: pass it as a closure / static argument under `jax.jit`.
     vector_keys: names of [B, H, W, 2] vector fields (horizontal, vertical components, e.g. HoVer-Net's HV
       targets) that also rotate under flips and quarter turns; elastic deformation resamples them bilinearly
-      without rotating the vectors (a smooth, small displacement field barely turns them).
+      without rotating the vectors (a smooth, small displacement field barely turns them). The preset
+      ops' transpose swaps their components; their affine / elastic warp recomputes them from the warped
+      instance map (`augment_ops.hv_map`; the batch then needs 'instance_map').
 
   Returns:
     The same keys; 'image' float32[B, H, W, 3] in [0, 1] (uint8 input is divided by 255; float input is taken
@@ -391,12 +410,15 @@ def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], augment_config
   hed_on = stain['hed_scale'] > 0 or stain['hed_shift'] > 0 or stain['stain_mix'] > 0
   hed = (('jitter',) if hed_on else ()) + (('mix',) if stain['stain_mix'] > 0 else ())
   color = tuple(k for k in ('gamma', 'brightness', 'contrast', 'saturation', 'hue', 'color_jitter') if stain[k] > 0)
+  extra, extra_strengths = augment_ops.static_and_traced(augment_ops.resolve_augment_preset(augment_config))
   static = (cfg['flips'], cfg['rot90'], hed, color,
             _radius(cfg['blur_sigma']) if cfg['blur_sigma'] > 0 else 0,
-            cfg['elastic_sigma'] if cfg['elastic_alpha'] > 0 else 0.0, tuple(vector_keys))
+            cfg['elastic_sigma'] if cfg['elastic_alpha'] > 0 else 0.0, tuple(vector_keys), extra)
   strengths = {k: jnp.float32(cfg[k]) for k in ('hed_scale', 'hed_shift', 'color_jitter', 'blur_sigma',
                                                   'elastic_alpha')}
   strengths.update({k: jnp.float32(stain[k]) for k in STAIN_FIELDS})
+  if extra[0]:
+    strengths['extra'] = extra_strengths
   return _augment_jit(key, dict(batch), strengths, static)
 
 
