@@ -5,6 +5,8 @@
     python -m dualunet_jax.eval --config=configs/consep.py --workdir=W --robustness=stress  # other labs' stains
     python -m dualunet_jax.eval --config=configs/consep.py --workdir=W --stain_norm=reinhard
     python -m dualunet_jax.eval --config=configs/consep.py --oracle --split=test         # no model: GT-derived maps
+    python -m dualunet_jax.eval --config=configs/conic.py --workdir=W50 --ensemble=W101  # averaged maps, one post-proc
+    python -m dualunet_jax.eval --config=configs/conic.py --workdir=W --conic_output=DIR  # + CoNIC-format predictions
 
 Writes `W/eval/<split>.json` (all metrics, per-image counts), overlay PNGs (ground truth | prediction,
 outlines coloured by class) in `W/eval/<split>_overlays/`, and prints a table; the last stdout line is one
@@ -12,6 +14,12 @@ JSON object with the headline metrics. The model (encoder, widths, classes, mpp)
 the `--config` file supplies data locations and evaluation settings (post-processing, match radius).
 `--stain_norm` maps each tile's colours onto the training split's statistics (`W/stain_stats.json`, written at
 training time; fitted per tile, as evaluation tiles are independent images) before the model sees it.
+
+`--ensemble=W2` (repeatable) averages the maps of W2, ... with those of `--workdir` (encoders may differ; the
+methods must give the same maps for the same classes) and post-processes the mean once, with the `--config`
+post-processing; the JSON (`<split>_ensemble.json` in W/eval) names every member. `--conic_output=DIR` writes
+`pred_labels.npy` int32[N, H, W, 2] and `pred_counts.csv` for the CoNIC challenge's own scoring (on CoNIC,
+`r2` is the challenge's R² of the central 224² of each patch; see `evaluation.evaluate` and `conic.py`).
 """
 
 import json
@@ -33,6 +41,10 @@ flags.DEFINE_string('robustness', None, "Robustness protocol: 'paper' (5 perturb
 flags.DEFINE_enum('stain_norm', 'none', ['none', 'reinhard', 'macenko'],
                   'Inference stain normalisation onto the training statistics (W/stain_stats.json).')
 flags.DEFINE_string('output', None, 'Output folder (default: W/eval, or workdirs/oracle with --oracle).')
+flags.DEFINE_multi_string('ensemble', [], 'Another workdir whose maps are averaged with --workdir\'s '
+                          '(repeatable; encoders may differ, the maps and classes must match).')
+flags.DEFINE_string('conic_output', None, 'Folder for the predictions in the CoNIC format (pred_labels.npy, '
+                    'pred_counts.csv).')
 flags.mark_flag_as_required('config')
 
 HEADLINE = ('f1_d', 'f1_c_mean', 'dice', 'bpq', 'mpq', 'aji')
@@ -64,6 +76,39 @@ def _normalizer(workdir: pathlib.Path):
     raise app.UsageError(f'--stain_norm={FLAGS.stain_norm}: {e}') from e
 
 
+def _fail(message: str):
+  """One line, no traceback (e.g. workdirs that cannot be ensembled)."""
+  print(f'dualunet-eval: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _members(config, workdirs: list[pathlib.Path]):
+  """(merged config of the first workdir, [(workdir, method, model, meta, merged config)], models restored in
+  eval mode); exits with one line naming both workdirs when a member's maps cannot be averaged with the
+  first's (other map names or kinds, post-processing, classes or µm/px)."""
+  import copy
+  from dualunet_jax import checkpointing, methods
+  members = []
+  for workdir in workdirs:
+    merged = _merge_trained_config(copy.deepcopy(config), workdir)
+    method = methods.get(merged)
+    if members:
+      first_dir, first_method, first_config = members[0][0], members[0][1], members[0][4]
+      mine = (dict(method.map_kinds), method.postprocess_fn, merged.dataset.num_classes, merged.dataset.mpp)
+      theirs = (dict(first_method.map_kinds), first_method.postprocess_fn, first_config.dataset.num_classes,
+                first_config.dataset.mpp)
+      if mine != theirs:
+        _fail(f'cannot ensemble {workdir} ({method.name}: maps {sorted(mine[0])}, '
+              f'{mine[2]} classes, {mine[3]} µm/px) with {first_dir} ({first_method.name}: maps '
+              f'{sorted(theirs[0])}, {theirs[2]} classes, {theirs[3]} µm/px)')
+    # Values come from the checkpoint: an abstract (shape-only) model.
+    model = method.abstract_model(merged, merged.dataset.num_classes)
+    meta = checkpointing.restore_model(workdir, model, FLAGS.checkpoint)
+    model.eval()
+    members.append((workdir, method, model, meta, merged))
+  return members[0][4], members
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -87,15 +132,20 @@ def main(argv):
   else:
     if not FLAGS.workdir:
       raise app.UsageError('--workdir is required (or use --oracle)')
-    from dualunet_jax import checkpointing, trainer
+    from dualunet_jax import trainer
     workdir = pathlib.Path(FLAGS.workdir)
-    config = _merge_trained_config(config, workdir)
-    # Values come from the checkpoint: an abstract (shape-only) model.
-    model = methods.get(config).abstract_model(config, config.dataset.num_classes)
-    meta = checkpointing.restore_model(workdir, model, FLAGS.checkpoint)
-    model.eval()
+    ensemble = [pathlib.Path(w) for w in FLAGS.ensemble]
+    if ensemble and FLAGS.robustness:
+      raise app.UsageError('--ensemble with --robustness is not supported; evaluate the members one by one')
+    config, members = _members(config, [workdir, *ensemble])
+    meta = members[0][3]
     source = sources.load_source(config.dataset, split)
     mesh = trainer.make_mesh()
+    if ensemble:  # the members' maps averaged (each through its own method), post-processed once
+      model = evaluation.make_forward([m[2] for m in members], mesh, methods.get(config),
+                                      member_methods=[m[1] for m in members])
+    else:
+      model = members[0][2]
     out_dir = pathlib.Path(FLAGS.output or workdir / 'eval')
     normalizer = _normalizer(workdir)
     suffix = '' if normalizer is None else f'_{normalizer.kind}'
@@ -110,12 +160,16 @@ def main(argv):
       if normalizer is not None:
         from dualunet_jax.data import stain
         transform = lambda record, index: dict(record, image=stain.normalize_tile(normalizer, record['image']))
-      results = evaluation.evaluate(model, source, config, mesh=mesh, overlays_dir=out_dir / f'{split}_overlays',
+      name = f'{split}{"_ensemble" if ensemble else ""}{suffix}'
+      overlays = f'{split}{"_ensemble" if ensemble else ""}_overlays'
+      results = evaluation.evaluate(model, source, config, mesh=mesh, overlays_dir=out_dir / overlays,
                                     num_overlays=config.eval.num_overlays, per_image=per_image,
-                                    transform=transform)
+                                    transform=transform, conic_output=FLAGS.conic_output)
       results['per_image'] = per_image
-      name = f'{split}{suffix}'
     results['checkpoint_step'] = meta.get('step')
+    if ensemble:
+      results['members'] = [{'workdir': str(w.resolve()), 'method': method.name, 'encoder': c.model.get('encoder'),
+                             'checkpoint_step': m.get('step')} for w, method, _, m, c in members]
   results['config'] = {'method': methods.method_name(config), 'targets': config.targets.to_dict(),
                        'postprocess': config.postprocess.to_dict(), 'match_radius': config.eval.match_radius,
                        'split': split, 'stain_norm': FLAGS.stain_norm}

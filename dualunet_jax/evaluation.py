@@ -8,9 +8,10 @@ import collections
 import json
 import os
 import pathlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from scipy import ndimage
@@ -25,12 +26,19 @@ from dualunet_jax.data import pipeline, schema
 Forward = Callable[[jax.Array], dict[str, jax.Array]]
 
 
-def make_forward(model: nnx.Module, mesh: Mesh | None = None, method: Any = None) -> Forward:
+def make_forward(model: nnx.Module | Sequence[nnx.Module], mesh: Mesh | None = None, method: Any = None,
+                 member_methods: Sequence[Any] | None = None) -> Forward:
   """A jitted `images float|uint8[B, H, W, 3] -> {name: float32[B, H, W, C]}` of `model` in eval mode: the
   method's maps (`Method.forward_maps`: softmax class probabilities and the method's other maps, covering
   the whole image), with the model state replicated over `mesh` (default: all devices) so batches sharded
-  on its 'data' axis fit it. `method` defaults to DualU-Net."""
+  on its 'data' axis fit it. `method` defaults to DualU-Net.
+
+  An ensemble (a sequence of models, encoders may differ; `member_methods` gives each one's method, default
+  `method`): the members' maps are averaged (`inference.engine.average_maps`, as `predict`'s ensembles), the
+  image reflect-padded by the largest margin as `forward_maps` does."""
   method = method or methods.get(methods.DEFAULT)
+  if not isinstance(model, nnx.Module):
+    return _ensemble_forward(list(model), mesh, list(member_methods or [method] * len(model)))
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, NamedSharding(mesh or pipeline.default_mesh(), P()))
 
@@ -41,6 +49,26 @@ def make_forward(model: nnx.Module, mesh: Mesh | None = None, method: Any = None
     return method.forward_maps(m, images)
 
   return lambda images: forward(state, images)
+
+
+def _ensemble_forward(models: list[nnx.Module], mesh: Mesh | None, member_methods: list[Any]) -> Forward:
+  from dualunet_jax.inference import engine
+  from dualunet_jax.methods import base
+  for m in models:
+    m.eval()
+  splits = [nnx.split(m) for m in models]
+  graphdefs = [g for g, _ in splits]
+  margins = [base.margin_of(m) for m in models]
+  states = jax.device_put([s for _, s in splits], NamedSharding(mesh or pipeline.default_mesh(), P()))
+
+  @jax.jit
+  def forward(states, images):
+    m = max(margins)
+    if m:
+      images = jnp.pad(images, ((0, 0), (m, m), (m, m), (0, 0)), mode='reflect')
+    return engine.average_maps(member_methods, graphdefs, states, margins, images)
+
+  return lambda images: forward(states, images)
 
 
 class _Transformed:
@@ -114,7 +142,8 @@ def _emit(batch, records, outputs):
 def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.ConfigDict, *,
              mesh: Mesh | None = None, max_images: int = 0, overlays_dir: str | os.PathLike | None = None,
              num_overlays: int = 0, transform: Callable[[dict, int], dict] | None = None,
-             desc: str = 'evaluate', per_image: list | None = None) -> dict[str, float]:
+             desc: str = 'evaluate', per_image: list | None = None,
+             conic_output: str | os.PathLike | None = None) -> dict[str, float]:
   """Dataset-level metrics of `model` on `source` (metrics.py documents each average).
 
   Post-processing runs in `config.postprocess.workers` processes while the device computes the next batch.
@@ -125,13 +154,22 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
   post-processing uses, pooled over the split (the two-stage enhancement paper's metrics). A refinement run
   (`refinement.py`) is scored twice from one forward pass: the refined maps (the plain keys) and the stage-1
   maps (every key again with the prefix `stage1_`).
+
+  CoNIC (`config.dataset.name == 'conic'`, 256² patches): `r2` is the challenge's R², of the nuclei in the
+  central 224² of each patch (`conic.counts_in_centre`, = counts.csv); the whole-patch R² (what `r2` means on
+  every other dataset, e.g. CoNSeP's 1000² tiles) is kept as `r2_whole_patch`. `conic_output`, a folder,
+  receives the predictions in the challenge's format for its own scoring script: `pred_labels.npy` int32[N, H,
+  W, 2] (instance map, class map) and `pred_counts.csv` (central counts on CoNIC, whole-image counts on other
+  datasets; columns `config.dataset.class_names`).
   """
   from tqdm import tqdm
-  from dualunet_jax import refinement
+  from dualunet_jax import conic, refinement
 
   mesh = mesh or pipeline.default_mesh()
   method = methods.get(config)
-  forward = make_forward(model, mesh, method) if isinstance(model, nnx.Module) else model
+  is_models = isinstance(model, nnx.Module) or (isinstance(model, (list, tuple)) and
+                                                 all(isinstance(m, nnx.Module) for m in model))
+  forward = make_forward(model, mesh, method) if is_models else model
   num_classes = config.dataset.num_classes
   n = len(source) if not max_images else min(max_images, len(source))
   source = Prefix(source, n)
@@ -143,6 +181,11 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
   variants = ('', refinement.STAGE1_PREFIX) if two_stage else ('',)  # key prefix of each scored version
   accumulators = {v: new_accumulator() for v in variants}
   pixels = {v: refinement.PixelMetrics() for v in variants}
+  is_conic = config.dataset.name == 'conic'
+  centre_counts = {v: ([], []) for v in variants}  # CoNIC: (GT, predicted) central counts per image
+  conic_dir = pathlib.Path(conic_output) if conic_output else None
+  conic_labels = None  # pred_labels.npy, memory-mapped (all patches need not fit in memory)
+  written_counts = []
   overlays = pathlib.Path(overlays_dir) if overlays_dir and num_overlays else None
   if overlays is not None:
     overlays.mkdir(parents=True, exist_ok=True)
@@ -151,12 +194,30 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
                                      **method.postprocess_kwargs(config)) as processor:
 
     def drain(limit):
+      nonlocal conic_labels
       while len(window) > limit:
         index, record, futures = window.popleft()
         results = {v: f.result() for v, f in futures.items()}
+        gt_labels = _labels(record[schema.INSTANCE_MAP], record[schema.INSTANCE_CLASSES])
         for v, result in results.items():
           accumulators[v].add(record[schema.INSTANCE_MAP], record[schema.INSTANCE_CLASSES], result)
+          if is_conic:
+            centre_counts[v][0].append(conic.counts_in_centre(gt_labels, num_classes)[0])
+            centre_counts[v][1].append(conic.counts_in_centre(_labels(result.instance_map, result.classes),
+                                                              num_classes)[0])
         instances = results['']
+        if conic_dir is not None:
+          pred = _labels(instances.instance_map, instances.classes)
+          crop = conic.CENTRE_CROP if is_conic else 0
+          written_counts.append(conic.counts_in_centre(pred, num_classes, crop=crop)[0])
+          if conic_labels is None:
+            conic_dir.mkdir(parents=True, exist_ok=True)
+            conic_labels = np.lib.format.open_memmap(conic_dir / 'pred_labels.npy', mode='w+', dtype=np.int32,
+                                                     shape=(n, *pred.shape))
+          if pred.shape != conic_labels.shape[1:]:
+            raise ValueError(f'{conic_dir / "pred_labels.npy"}: image {index} is {pred.shape[:2]}, the first was '
+                             f'{conic_labels.shape[1:3]}; the CoNIC format needs one patch size')
+          conic_labels[index] = pred
         if per_image is not None:
           per_image.append({'name': schema.decode_text(record[schema.NAME]),
                             'n_gt': int(len(record[schema.INSTANCE_CLASSES])),
@@ -182,7 +243,20 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
   out: dict[str, float] = {}
   for v in variants:
     out.update({v + k: value for k, value in {**accumulators[v].result(), **pixels[v].result()}.items()})
+    if is_conic and centre_counts[v][0]:
+      out[v + 'r2_whole_patch'] = out[v + 'r2']
+      out[v + 'r2'] = conic.multi_r2(np.stack(centre_counts[v][0]), np.stack(centre_counts[v][1]))
+  if conic_labels is not None:
+    conic_labels.flush()
+    conic.write_counts(conic_dir / 'pred_counts.csv', np.stack(written_counts), tuple(config.dataset.class_names))
   return out
+
+
+def _labels(instance_map: np.ndarray, classes: np.ndarray) -> np.ndarray:
+  """int32[H, W, 2] (instance map, class map) of instances 1..M with classes int[M]: the CoNIC format."""
+  instance_map = np.asarray(instance_map, np.int32)
+  lut = np.concatenate([[0], np.asarray(classes, np.int32).reshape(-1)]).astype(np.int32)
+  return np.stack([instance_map, lut[instance_map]], -1)
 
 
 # ------------------------------------------------------------------------------------------- overlays

@@ -499,6 +499,41 @@ class MapsPredictor:
 VIEWS = ((0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True))
 
 
+def average_maps(member_methods: Sequence[Any], graphdefs: Sequence[Any], states: Sequence[Any],
+                 margins: Sequence[int], images: Any, views: Sequence[tuple[int, bool]] = VIEWS[:1]) -> dict[str, Any]:
+  """The mean of each member's maps over ensemble members and TTA views (traceable: call it under `jax.jit`).
+
+  Every map is a plain mean: class probabilities are averaged after each member's softmax, HV vectors after
+  each view is rotated back (`methods.base.undo_view`, by the map's kind).
+
+  Args:
+    member_methods: the `methods.Method` of each member (their `maps` and `map_kinds`; the same map names).
+    graphdefs, states: `nnx.split` of each member model (eval mode).
+    margins: context px per side each member consumes (`base.margin_of`).
+    images: uint8|float[B, h + 2M, w + 2M, 3] with M = max(margins); a member with a smaller margin sees them
+      centre-cropped to its own.
+    views: (rot90 k, horizontal flip) views (`VIEWS`); the default is the image alone.
+  Returns:
+    {name: float32[B, h, w, C]}.
+  """
+  import jax.numpy as jnp
+  from flax import nnx
+  from dualunet_jax.methods import base
+  margin = max(margins)
+  sums: dict[str, Any] = {}
+  for method, graphdef, state, m in zip(member_methods, graphdefs, states, margins):
+    model = nnx.merge(graphdef, state)
+    x0 = base.center_crop(images, margin - m)
+    for k, flip in views:
+      x = jnp.rot90(x0, k, axes=(1, 2))
+      x = x[:, :, ::-1] if flip else x
+      for name, value in method.maps(model(x)).items():
+        value = base.undo_view(value.astype(jnp.float32), method.map_kinds[name], k, flip)
+        sums[name] = sums[name] + value if name in sums else value
+  n = len(graphdefs) * len(views)
+  return {name: value / n for name, value in sums.items()}
+
+
 def model_predictor(models: Sequence[Any], *, method: Any = None, tta_views: int = 1, probs_dtype: str = 'float16',
                     devices: Sequence[Any] | None = None) -> Predictor:
   """A jitted predictor averaging a method's maps over TTA views and models.
@@ -540,19 +575,8 @@ def model_predictor(models: Sequence[Any], *, method: Any = None, tta_views: int
   out_dtype = jnp.dtype(probs_dtype)
 
   def forward(states, images):
-    sums: dict[str, Any] = {}
-    for graphdef, state, m in zip(graphdefs, states, margins):
-      model = nnx.merge(graphdef, state)
-      x0 = base.center_crop(images, margin - m)
-      for k, flip in views:
-        x = jnp.rot90(x0, k, axes=(1, 2))
-        x = x[:, :, ::-1] if flip else x
-        for name, value in method.maps(model(x)).items():
-          value = base.undo_view(value.astype(jnp.float32), method.map_kinds[name], k, flip)
-          sums[name] = sums[name] + value if name in sums else value
-    n = len(graphdefs) * len(views)
-    return {name: (value / n).astype(out_dtype if name == 'class_probs' else jnp.float32)
-            for name, value in sums.items()}
+    maps = average_maps([method] * len(graphdefs), graphdefs, states, margins, images, views)
+    return {name: value.astype(out_dtype if name == 'class_probs' else jnp.float32) for name, value in maps.items()}
 
   jitted = jax.jit(forward)
 
