@@ -2,10 +2,12 @@
 
     python benchmarks/predict_throughput.py                       # full ResNeXt DualU-Net, random weights
     python benchmarks/predict_throughput.py --width=0.125 --runs=3 --image_side=2048
+    python benchmarks/predict_throughput.py --width=0.125 --consep_dir=.data/CoNSeP --skip=image  # real tiles
 
 Two workloads, both through `dualunet_jax.inference.predict` (reader thread, device batches, worker pool,
 GeoJSON + CSV + maps + composition written):
-  tiles   N synthetic 256x256 PNG tiles at the model's 0.5 µm/px (PanNuke-like), batch 8
+  tiles   N synthetic 256x256 PNG tiles at the model's 0.5 µm/px (PanNuke-like), batch 8; with --consep_dir
+          the 14 real CoNSeP Test 1000x1000 tiles instead (oracle maps from their annotations, 4 classes)
   image   one image_side^2 synthetic PNG, tiled at --tile_size with --overlap
 
 Weights are random (throughput does not depend on them), but post-processing cost depends on how many nuclei
@@ -15,7 +17,9 @@ outputs, and the host post-processes realistic nuclei (20-60 per 256^2 tile).
 
 Each workload runs with post-processing in worker processes overlapped with device compute (--workers, 0 = one
 per core) and, as the in-process baseline, with workers=1 (post-processing in the main thread, no overlap);
-figures are medians over --runs after one warm-up run (compilation excluded).
+figures are medians over --runs after one warm-up run (compilation excluded). The in-process baseline runs
+once per post-processing backend (--backends: `numpy`, and `numba` where installed), which shows how much of
+the end-to-end time the post-processing takes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,18 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _machine  # noqa: E402  (benchmarks/_machine.py: scripts run with benchmarks/ on sys.path)
+
+
+def consep_inputs(consep_dir: str):
+  """The CoNSeP Test tiles (files of the official layout) and their oracle maps (4 merged classes)."""
+  from dualunet_jax import oracle
+  from dualunet_jax.data import consep
+  maps, files = {}, []
+  for rec in consep.iter_split(consep_dir, 'test'):
+    probs, density = oracle.oracle_outputs(rec['instance_map'], rec['instance_classes'], 4, sigma=5.0)
+    maps[rec['name']] = {'class_probs': probs.astype(np.float16), 'density': density[..., None]}
+    files.append(pathlib.Path(consep_dir) / 'Test' / 'Images' / f"{rec['name']}.png")
+  return files, maps
 
 
 def random_model(width: float, num_classes: int = 3):
@@ -113,41 +129,56 @@ def main():
   parser.add_argument('--workers', type=int, default=0)
   parser.add_argument('--runs', type=int, default=3)
   parser.add_argument('--skip', choices=('tiles', 'image'), default=None)
+  parser.add_argument('--consep_dir', default=None, help='official-layout CoNSeP: its Test tiles as the tiles '
+                      'workload')
+  parser.add_argument('--backends', default=None, help='comma-separated post-processing backends for the '
+                      'in-process runs (default: numpy, and numba where installed)')
   args = parser.parse_args()
+  from dualunet_jax import postprocess_kernels
+  backends = (args.backends.split(',') if args.backends else
+              ['numpy'] + (['numba'] if postprocess_kernels.available() else []))
 
   from dualunet_jax.inference import engine
   tmp = pathlib.Path(tempfile.mkdtemp(prefix='predict_bench_'))
   try:
     tiles, big, maps = synthetic_inputs(tmp / 'in', args.tiles, args.image_side)
-    predictor = DeviceOraclePredictor(random_model(args.width), maps)
-    print(f'machine: {_machine.describe()}; model width {args.width}')
+    num_classes, class_names = 3, ('lymphocyte', 'epithelial', 'spindle')
     workloads = []
-    if args.skip != 'tiles':
+    if args.consep_dir:
+      tiles, maps = consep_inputs(args.consep_dir)
+      num_classes, class_names = 4, ('other', 'inflammatory', 'epithelial', 'spindle')
+      workloads.append(('consep', tiles, 1024, 128, 2, len(tiles)))
+    elif args.skip != 'tiles':
       workloads.append(('tiles', tiles, 256, 0, args.batch_size, len(tiles)))
-    if args.skip != 'image':
+    predictor = DeviceOraclePredictor(random_model(args.width, num_classes), maps)
+    print(f'machine: {_machine.describe()}; model width {args.width}; in-process backends {backends}')
+    if args.skip != 'image' and not args.consep_dir:
       grid = __import__('dualunet_jax.inference.tiling', fromlist=['TileGrid']).TileGrid.create(
           args.image_side, args.image_side, args.tile_size, args.overlap)
       workloads.append(('image', [big], args.tile_size, args.overlap, 2, len(grid.tiles())))
     pool = engine.make_pool(args.workers or os.cpu_count())  # reused: worker start-up is not per call
     for name, inputs, tile_size, overlap, batch, n in workloads:
-      for workers in (args.workers, 1):
-        opt = engine.Options(model_mpp=0.5, class_names=('lymphocyte', 'epithelial', 'spindle'),
+      mpp = 0.25 if name == 'consep' else 0.5
+      for workers, backend in [(args.workers, 'auto')] + [(1, b) for b in backends]:
+        opt = engine.Options(model_mpp=mpp, class_names=class_names, postprocess={'backend': backend},
                              tile_size=tile_size, overlap=overlap, batch_size=batch, workers=workers,
                              formats=('geojson', 'csv', 'maps', 'composition'), progress=False)
         times = []
         for run in range(args.runs + 1):  # run 0 compiles
           out = tmp / f'out_{name}_{workers}_{run}'
           t0 = time.perf_counter()
-          summary = engine.predict([engine.InputSpec(p, mpp=0.5) for p in inputs], predictor, out, opt,
+          summary = engine.predict([engine.InputSpec(p, mpp=mpp) for p in inputs], predictor, out, opt,
                                    executor=pool if workers != 1 else None)
           times.append(time.perf_counter() - t0)
           shutil.rmtree(out)
         med = statistics.median(times[1:])
         nuclei = sum(s['nuclei'] for s in summary)
-        mode = f'workers={workers or os.cpu_count()} (overlapped)' if workers != 1 else 'workers=1 (in-process)'
-        mm2 = (args.image_side * 0.5e-3) ** 2 if name == 'image' else len(inputs) * (256 * 0.5e-3) ** 2
-        print(f'{name:5s} {mode:26s} {n} tiles of {tile_size}^2, {nuclei} nuclei: median {med:.2f} s '
-              f'({n / med:.2f} tiles/s, {med / mm2:.2f} s/mm^2 at 0.5 µm/px) runs {[round(t, 2) for t in times[1:]]}')
+        mode = (f'workers={workers or os.cpu_count()} (overlapped)' if workers != 1 else
+                f'workers=1 (in-process, {backend})')
+        side = {'image': args.image_side, 'consep': 1000}.get(name, 256)
+        mm2 = len(inputs) * (side * mpp * 1e-3) ** 2
+        print(f'{name:6s} {mode:34s} {n} tiles of {tile_size}^2, {nuclei} nuclei: median {med:.2f} s '
+              f'({n / med:.2f} tiles/s, {med / mm2:.2f} s/mm^2 at {mpp} µm/px) runs {[round(t, 2) for t in times[1:]]}')
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
