@@ -21,6 +21,7 @@ def test_stage2_run_trains_only_the_refinement_and_scores_both(tmp_path):
   stage1.dataset.synthetic_tile_size = 64
   stage1.dataset.crop_size = 0
   stage1.model.width_multiplier = 0.125
+  stage1.model.encoder_blocks = (1, 1, 1, 1)
   stage1_model = models.fill_random(models.abstract_model(stage1.model, 3))
   checkpointing.save_model_checkpoint(tmp_path / 's1', stage1, stage1_model)
 

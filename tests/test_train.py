@@ -25,6 +25,7 @@ def tiny_config(data_dir: pathlib.Path):
   config = demo.get_config()
   config.dataset.data_dir = str(data_dir)
   config.model.width_multiplier = 0.125  # tests stay tiny whatever the demo uses
+  config.model.encoder_blocks = (1, 1, 1, 1)  # a shallow encoder compiles faster; same code paths
   config.dataset.synthetic_train_size = 8
   config.dataset.synthetic_test_size = 4
   config.dataset.synthetic_tile_size = 64

@@ -201,12 +201,14 @@ class HoVerNetMethod(base.Method):
     from dualunet_jax.models import hovernet
     return hovernet.HoVerNet(mode=self.mode(config), num_classes=num_classes,
                              width_multiplier=float(config.model.width_multiplier),
-                             dtype=models.compute_dtype(config.model.dtype), rngs=rngs)
+                             dtype=models.compute_dtype(config.model.dtype),
+                             encoder_blocks=tuple(config_field(config.model, 'encoder_blocks', ())), rngs=rngs)
 
   def summary_notes(self, config: Any, model: nnx.Module, counts) -> list[str]:
     mode, types = self.mode(config), int(config.dataset.num_classes) + 1
     official = OFFICIAL_PARAMETERS.get((mode, types))
-    if official is None or float(config.model.width_multiplier) != 1.0:
+    if (official is None or float(config.model.width_multiplier) != 1.0
+        or tuple(config_field(config.model, 'encoder_blocks', ())) not in ((), (3, 4, 6, 3))):
       return []
     same = 'equal' if counts['total'] == official else f"NOT equal ({counts['total']:,})"
     return [f'Official HoVer-Net {mode} with {types} type channels: {official:,} parameters ({same}).']

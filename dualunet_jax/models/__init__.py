@@ -32,12 +32,14 @@ def compute_dtype(name: str) -> Any:
 
 
 def build_model(model_config: Any, num_classes: int, *, rngs: nnx.Rngs) -> DualUNet:
-  """DualUNet from `config.model` (fields `encoder`, `width_multiplier`, `dtype`, optional `cardinality`);
-  K = num_classes. Configs saved before `cardinality` existed get the ResNeXt default (32)."""
+  """DualUNet from `config.model` (fields `encoder`, `width_multiplier`, `dtype`, optional `cardinality` and
+  `encoder_blocks`); K = num_classes. Configs saved before those existed get the ResNeXt default (32) and the
+  encoder's own depth."""
   return DualUNet(encoder=model_config.encoder, num_classes=num_classes,
                   width_multiplier=float(model_config.width_multiplier),
                   dtype=compute_dtype(model_config.dtype),
-                  cardinality=int(model_config.get('cardinality', resnext.CARDINALITY)), rngs=rngs)
+                  cardinality=int(model_config.get('cardinality', resnext.CARDINALITY)),
+                  encoder_blocks=tuple(model_config.get('encoder_blocks', ())), rngs=rngs)
 
 
 def abstract_model(model_config: Any, num_classes: int) -> DualUNet:

@@ -25,6 +25,7 @@ as a fresh PyTorch module); call `model.eval()` for inference and `model.train()
 """
 
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,13 +74,16 @@ class DualUNet(nnx.Module):
   """
 
   def __init__(self, *, encoder: str, num_classes: int, width_multiplier: float = 1.0, dtype=jnp.float32,
-               cardinality: int = resnext.CARDINALITY, rngs: nnx.Rngs):
+               cardinality: int = resnext.CARDINALITY, encoder_blocks: Sequence[int] = (), rngs: nnx.Rngs):
     if encoder not in ENCODERS:
       raise ValueError(f'unknown encoder {encoder!r}; expected one of {ENCODERS}')
     if num_classes < 1:
       raise ValueError(f'num_classes must be >= 1, got {num_classes}')
     if not width_multiplier > 0:
       raise ValueError(f'width_multiplier must be > 0, got {width_multiplier}')
+    if encoder_blocks and (len(encoder_blocks) != 4 or min(encoder_blocks) < 1):
+      raise ValueError(f'encoder_blocks must be 4 block counts >= 1 (empty: the encoder\'s own), got '
+                       f'{tuple(encoder_blocks)}')
     self.encoder_name = encoder
     self.num_classes = num_classes
     self.width_multiplier = width_multiplier
@@ -89,10 +93,12 @@ class DualUNet(nnx.Module):
     if encoder == 'resnext50_32x4d':
       self.encoder = resnext.ResNeXtEncoder(stem_width=scale(RESNEXT_STEM),
                                             planes=tuple(scale(p) for p in RESNEXT_PLANES),
+                                            blocks=tuple(encoder_blocks) or (3, 4, 6, 3),
                                             cardinality=cardinality, dtype=dtype, rngs=rngs)
       upsample = RESNEXT_UPSAMPLE
     else:
       depths, dims = convnext.CONVNEXT_SPECS[encoder.removeprefix('convnext_')]
+      depths = tuple(encoder_blocks) or depths
       self.encoder = convnext.ConvNeXtEncoder(depths=depths, dims=tuple(scale(d) for d in dims), dtype=dtype,
                                               rngs=rngs)
       upsample = CONVNEXT_UPSAMPLE

@@ -166,10 +166,11 @@ class HoVerNet(nnx.Module):
       (the official `nr_types=None`).
     width_multiplier: channel scale (`preact_resnet.scale_channels`, multiples of 4); 1.0 is the official model.
     dtype: compute dtype (float32 or bfloat16); parameters are float32.
+    encoder_blocks: residual units per encoder stage; () = the official (3, 4, 6, 3).
   """
 
   def __init__(self, *, mode: str = 'original', num_classes: int | None = None, width_multiplier: float = 1.0,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, encoder_blocks: Sequence[int] = (), rngs: nnx.Rngs):
     if mode not in MODES:
       raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
     if num_classes is not None and num_classes < 1:
@@ -182,7 +183,8 @@ class HoVerNet(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     self.margin = MARGINS[mode]
     ksize = _KSIZE[mode]
-    self.encoder = pr.PreActResNet50(mode=mode, width_multiplier=width_multiplier, dtype=dtype, rngs=rngs)
+    self.encoder = pr.PreActResNet50(mode=mode, width_multiplier=width_multiplier, dtype=dtype,
+                                     blocks=tuple(encoder_blocks) or pr.BLOCKS, rngs=rngs)
     branch = lambda out: DecoderBranch(self.encoder.out_channels, out, ksize, width_multiplier, dtype=dtype,
                                        rngs=rngs)
     self.decoder_np = branch(2)

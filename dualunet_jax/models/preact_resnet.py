@@ -131,12 +131,17 @@ class PreActResNet50(nnx.Module):
     width_multiplier: channel scale (`scale_channels`); 1.0 is the official encoder (25,597,504 parameters
       including conv_bot).
     dtype: compute dtype.
+    blocks: residual units per stage; the official (3, 4, 6, 3) by default (fewer: quick experiments and tests;
+      the units are same-padded, so the geometry and margins do not change).
   """
 
   def __init__(self, *, mode: str = 'original', width_multiplier: float = 1.0, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               blocks: Sequence[int] = BLOCKS, rngs: nnx.Rngs):
     if mode not in MODES:
       raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    counts = tuple(blocks)
+    if len(counts) != 4 or min(counts) < 1:
+      raise ValueError(f'blocks must be 4 unit counts >= 1, got {counts}')
     self.mode = mode
     s = lambda c: scale_channels(c, width_multiplier)
     stem = s(STEM)
@@ -144,7 +149,7 @@ class PreActResNet50(nnx.Module):
     self.conv0_bn = batch_norm(stem, dtype, rngs)
     cin = stem
     blocks = []
-    for count, channels, stride in zip(BLOCKS, UNIT_CHANNELS, STRIDES):
+    for count, channels, stride in zip(counts, UNIT_CHANNELS, STRIDES):
       channels = tuple(s(c) for c in channels)
       blocks.append(ResidualBlock(cin, channels, count, stride, dtype=dtype, rngs=rngs))
       cin = channels[-1]
