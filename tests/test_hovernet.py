@@ -239,3 +239,18 @@ def test_loss_decreases_on_a_real_crop(fixtures_dir):
     params, opt_state, loss = step(params, opt_state)
     losses.append(float(loss))
   assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_encoder_blocks_keep_the_geometry():
+  # Fewer residual units per stage (config.model.encoder_blocks) change parameters, not the valid-convolution
+  # geometry: same margin and output size (the units are same-padded).
+  from dualunet_jax.models import hovernet as hovernet_model
+  make = lambda blocks: nnx.eval_shape(lambda r: hovernet_model.HoVerNet(
+      mode='original', num_classes=2, width_multiplier=0.125, encoder_blocks=blocks, rngs=r), nnx.Rngs(0))
+  shallow, deep = make((1, 1, 1, 1)), make(())
+  assert shallow.margin == deep.margin == 95
+  assert [len(b.units) for b in (shallow.encoder.d0, shallow.encoder.d1, shallow.encoder.d2, shallow.encoder.d3)] \
+      == [1, 1, 1, 1]
+  x = jax.ShapeDtypeStruct((1, 270, 270, 3), jnp.uint8)
+  out_s, out_d = (jax.eval_shape(lambda m, x: m(x), m, x) for m in (shallow, deep))
+  assert jax.tree.map(lambda a: a.shape, out_s) == jax.tree.map(lambda a: a.shape, out_d)

@@ -146,6 +146,22 @@ def test_build_model_reads_config_and_rejects_bad_values():
     models.build_model(ml_collections.ConfigDict(dict(config, encoder='resnet18')), 4, rngs=nnx.Rngs(0))
 
 
+def test_encoder_blocks_sets_the_depth_of_each_stage():
+  for encoder, full in (('convnext_tiny', [3, 3, 9, 3]), ('resnext50_32x4d', [3, 4, 6, 3])):
+    config = ml_collections.ConfigDict({'encoder': encoder, 'width_multiplier': TINY, 'dtype': 'float32',
+                                        'encoder_blocks': (1, 2, 1, 1)})
+    shallow = models.abstract_model(config, 3)
+    deep = models.abstract_model(ml_collections.ConfigDict(dict(config, encoder_blocks=())), 3)
+    depth = lambda m: ([len(s.blocks) for s in m.encoder.stages] if encoder.startswith('convnext') else
+                       [len(getattr(m.encoder, f'layer{i}')) for i in range(1, 5)])
+    assert depth(shallow) == [1, 2, 1, 1] and depth(deep) == full
+    count = lambda m: models.parameter_counts(m)
+    assert count(shallow)['encoder'] < count(deep)['encoder']
+    assert count(shallow)['total'] - count(shallow)['encoder'] == count(deep)['total'] - count(deep)['encoder']
+  with pytest.raises(ValueError, match='encoder_blocks must be 4'):
+    models.abstract_model(ml_collections.ConfigDict(dict(config, encoder_blocks=(1, 1, 1))), 3)
+
+
 def test_resnext_groups_and_decoder_layouts():
   full = _abstract_shared('resnext50_32x4d', 5)
   assert full.encoder.layer1[0].conv2.kernel.shape == (3, 3, 4, 128)  # 32 groups of 4 channels
