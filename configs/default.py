@@ -119,6 +119,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.best_metric = 'f1_d'  # validation metric that selects the 'best' checkpoint
   config.train.best_mode = 'max'  # 'max' | 'min' (e.g. best_metric 'loss': the method's validation loss)
   config.train.early_stopping_patience = 0  # stop after this many validations without a new best (0 = never)
+  # Two-phase training (HoVer-Net, HistoNeXt): the first N epochs train all but the encoder, the rest all
+  # parameters; 0 = one phase. Phase 2 starts a fresh optimizer, so lr_milestones count from each phase's start;
+  # early stopping only acts in phase 2 (trainer.make_optimizer).
+  config.train.freeze_encoder_epochs = 0
+  # Encoder BatchNorm in phase 1: 'update' (training mode, running statistics move: the official HoVer-Net
+  # code) | 'keep' (inference mode, statistics stay as loaded). ConvNeXt encoders have no BatchNorm.
+  config.train.frozen_encoder_bn = 'update'
 
   # ---------------------------------------------------------------- evaluation
   config.eval = ml_collections.ConfigDict()
