@@ -35,7 +35,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.resize = 0  # >0: resize tiles to this side first (reference CoNSeP parity mode: 1024)
   config.dataset.num_workers = 2  # grain worker processes (0 = in-process)
   config.dataset.prefetch = 2
-  config.dataset.class_balanced_sampling = False  # HistoNeXt-style type-aware patch sampling
+  # Crops centred (+-c/4) on a pixel of a class drawn uniformly from those in the tile: this project's simple
+  # rare-class sampler (not a paper's); excludes type_multipliers.
+  config.dataset.class_balanced_sampling = False
+  # HistoNeXt type-aware sampling (pipeline.TypeAwareSampler): crops are windows of a grid over the training
+  # tiles, drawn with probability proportional to the multiplier of their dominant type (the class with the
+  # most nucleus pixels; x1 without one). One value per class, in class order; () = uniform random crops.
+  config.dataset.type_multipliers = ()
+  config.dataset.type_sampling_stride = 0  # grid step of those windows in pixels (0 = crop_size // 8)
   config.dataset.binary = False  # True: every nucleus is class 1 'nucleus' (binary methods: unet, unetpp)
   config.dataset.synthetic_train_size = 512  # synthetic dataset only: tiles per split
   config.dataset.synthetic_test_size = 64
