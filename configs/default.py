@@ -121,8 +121,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 1e-4  # coupled L2 (added to the gradient before Adam), as torch.optim.Adam
   config.train.log_every_steps = 10
   config.train.eval_every_epochs = 10
-  config.train.checkpoint_every_epochs = 10
-  config.train.keep_checkpoints = 3
+  config.train.checkpoint_every_epochs = 10  # periodic checkpoints for resuming (0 = only where the run stops)
+  config.train.keep_checkpoints = 3  # periodic ones kept; the best by best_metric is kept apart (W/best)
   config.train.best_metric = 'f1_d'  # validation metric that selects the 'best' checkpoint
   config.train.best_mode = 'max'  # 'max' | 'min' (e.g. best_metric 'loss': the method's validation loss)
   config.train.early_stopping_patience = 0  # stop after this many validations without a new best (0 = never)
