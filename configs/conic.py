@@ -15,6 +15,7 @@ jitter and a blur. ImageNet encoder: `--config.model.encoder_init=<timm seresnex
 Early stopping on the validation loss (`best_metric='loss'`, patience 10 validations, our choice: the paper
 gives none) needs a validation split: the CoNIC release has one split, so pass one, e.g. a held-out folder
 dataset (`--config.dataset.val_split=...`); without it training runs the 50 epochs and keeps the last.
+Neither two-phase training nor type-aware sampling: the paper mentions neither.
 """
 
 from configs import default
@@ -53,5 +54,6 @@ def get_config():
   config.train.best_metric = 'loss'
   config.train.best_mode = 'min'
   config.train.early_stopping_patience = 10
+  config.train.freeze_encoder_epochs = 0  # the paper trains all parameters from the start (one phase)
   config.eval.batch_size = 16
   return config

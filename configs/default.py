@@ -35,7 +35,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.resize = 0  # >0: resize tiles to this side first (reference CoNSeP parity mode: 1024)
   config.dataset.num_workers = 2  # grain worker processes (0 = in-process)
   config.dataset.prefetch = 2
-  config.dataset.class_balanced_sampling = False  # HistoNeXt-style type-aware patch sampling
+  # Crops centred (+-c/4) on a pixel of a class drawn uniformly from those in the tile: this project's simple
+  # rare-class sampler (not a paper's); excludes type_multipliers.
+  config.dataset.class_balanced_sampling = False
+  # HistoNeXt type-aware sampling (pipeline.TypeAwareSampler): crops are windows of a grid over the training
+  # tiles, drawn with probability proportional to the multiplier of their dominant type (the class with the
+  # most nucleus pixels; x1 without one). One value per class, in class order; () = uniform random crops.
+  config.dataset.type_multipliers = ()
+  config.dataset.type_sampling_stride = 0  # grid step of those windows in pixels (0 = crop_size // 8)
   config.dataset.binary = False  # True: every nucleus is class 1 'nucleus' (binary methods: unet, unetpp)
   config.dataset.synthetic_train_size = 512  # synthetic dataset only: tiles per split
   config.dataset.synthetic_test_size = 64
@@ -116,11 +123,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 1e-4  # coupled L2 (added to the gradient before Adam), as torch.optim.Adam
   config.train.log_every_steps = 10
   config.train.eval_every_epochs = 10
-  config.train.checkpoint_every_epochs = 10
-  config.train.keep_checkpoints = 3
+  config.train.checkpoint_every_epochs = 10  # periodic checkpoints for resuming (0 = only where the run stops)
+  config.train.keep_checkpoints = 3  # periodic ones kept; the best by best_metric is kept apart (W/best)
   config.train.best_metric = 'f1_d'  # validation metric that selects the 'best' checkpoint
   config.train.best_mode = 'max'  # 'max' | 'min' (e.g. best_metric 'loss': the method's validation loss)
   config.train.early_stopping_patience = 0  # stop after this many validations without a new best (0 = never)
+  # Two-phase training (HoVer-Net, HistoNeXt): the first N epochs train all but the encoder, the rest all
+  # parameters; 0 = one phase. Phase 2 starts a fresh optimizer, so lr_milestones count from each phase's start;
+  # early stopping only acts in phase 2 (trainer.make_optimizer).
+  config.train.freeze_encoder_epochs = 0
+  # Encoder BatchNorm in phase 1: 'update' (training mode, running statistics move: the official HoVer-Net
+  # code) | 'keep' (inference mode, statistics stay as loaded). ConvNeXt encoders have no BatchNorm.
+  config.train.frozen_encoder_bn = 'update'
 
   # ---------------------------------------------------------------- evaluation
   config.eval = ml_collections.ConfigDict()

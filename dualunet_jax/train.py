@@ -1,6 +1,7 @@
 """Train DualU-Net: `python -m dualunet_jax.train --config=configs/pannuke.py --workdir=W`.
 
-Resumes automatically when `W` already holds checkpoints (same step, optimizer state and data order).
+Resumes automatically when `W` already holds checkpoints (same step, optimizer state, data order and training
+phase: `config.train.freeze_encoder_epochs`, see trainer.py).
 Override any config field on the command line: `--config.train.batch_size=16`. Multi-host (SLURM, TPU pods):
 add `--distributed` on every host (see launch/).
 """

@@ -11,6 +11,11 @@ Batches are global arrays sharded on 'data'; parameters and optimizer state are 
 statistics inside the jitted step are computed over the *global* batch (XLA inserts the cross-device
 reductions), i.e. synchronised BatchNorm. The reference used per-GPU statistics over 4 images (reference §6);
 with a global batch of 8 the two differ only in the noise of the batch statistics.
+
+Two-phase training (`config.train.freeze_encoder_epochs` > 0; HoVer-Net's official schedule, HistoNeXt): the first
+`freeze_encoder_epochs` epochs train everything but the encoder (`Method.encoder_filter`), the rest train all
+parameters (`Method.trainable`). See `make_optimizer` for the optimizer across the switch and `train_step` for the
+encoder's BatchNorm in phase 1.
 """
 
 import functools
@@ -37,21 +42,85 @@ def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ('data',))
 
 
-def create_train_state(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int
-                       ) -> tuple[nnx.Module, nnx.Optimizer]:
+FROZEN_ENCODER_BN = ('update', 'keep')  # config.train.frozen_encoder_bn, see train_step
+
+
+def freeze_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """Steps of phase 1 (encoder frozen): `config.train.freeze_encoder_epochs` epochs; 0 = one phase."""
+  epochs = int(config.train.get('freeze_encoder_epochs', 0))
+  if epochs < 0:
+    raise ValueError(f'config.train.freeze_encoder_epochs must be >= 0, got {epochs}')
+  bn = config.train.get('frozen_encoder_bn', 'update')
+  if bn not in FROZEN_ENCODER_BN:
+    raise ValueError(f'config.train.frozen_encoder_bn must be one of {FROZEN_ENCODER_BN}, got {bn!r}')
+  return epochs * steps_per_epoch
+
+
+def phase_of(step: int, frozen_steps: int) -> int:
+  """Phase of the step taken after `step` steps: 1 (encoder frozen) for the first `frozen_steps`, then 2.
+
+  A checkpoint saved after `step` steps holds the optimizer of `phase_of(step)` (the next step's), so a
+  resume knows which optimizer to rebuild from the step alone.
+  """
+  return 1 if step < frozen_steps else 2
+
+
+def trainable_filter(config: ml_collections.ConfigDict, phase: int = 2) -> Any:
+  """The nnx filter of the parameters trained in `phase`: the method's (`Method.trainable`), less the encoder
+  (`Method.encoder_filter`) in phase 1."""
+  method = methods.get(config)
+  if phase == 1:
+    return nnx.All(method.trainable(config), nnx.Not(method.encoder_filter(config)))
+  return method.trainable(config)
+
+
+def make_optimizer(model: nnx.Module, config: ml_collections.ConfigDict, steps_per_epoch: int, *,
+                   phase: int = 2) -> nnx.Optimizer:
+  """The project's Adam (`optim.make_optimizer`) over `trainable_filter(config, phase)`.
+
+  Each phase gets its own, fresh optimizer, as in the papers' two separate fits (HoVer-Net's official
+  `opt.py`: two runs of Adam, each with its own x0.1 step schedule): at the switch the Adam moments of the
+  decoders restart from zero and the learning-rate schedule restarts, i.e. `lr_milestones` count epochs from
+  the start of each phase. (One optimizer with a masked update would carry the decoders' moments over and
+  keep one schedule; it is not what the papers ran.) A fresh optimizer is a pure function of the model, so
+  a resume across the switch rebuilds it exactly.
+  """
+  return nnx.Optimizer(model, optim.make_optimizer(config.train, steps_per_epoch),
+                       wrt=trainable_filter(config, phase))
+
+
+def create_train_state(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int, *,
+                       phase: int = 2) -> tuple[nnx.Module, nnx.Optimizer]:
+  """The model (with `encoder_init` weights) and the optimizer of `phase` (see `make_optimizer`)."""
   method = methods.get(config)
   model = method.build_model(config, num_classes, rngs=nnx.Rngs(config.seed))
   if config.model.get('encoder_init'):
     method.encoder_init(model, config.model.encoder_init)
-  optimizer = nnx.Optimizer(model, optim.make_optimizer(config.train, steps_per_epoch),
-                            wrt=method.trainable(config))
-  return model, optimizer
+  if int(config.train.get('freeze_encoder_epochs', 0)) > 0 and \
+     not jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, method.encoder_filter(config)))):
+    raise ValueError(f'config.train.freeze_encoder_epochs: the {method.name!r} model has no encoder '
+                     'parameters to freeze (it trains from scratch); set it to 0')
+  return model, make_optimizer(model, config, steps_per_epoch, phase=phase)
+
+
+def _encoder_eval(model: nnx.Module) -> None:
+  """Puts every `encoder` submodule in inference mode (BatchNorm on its running statistics, which then stay)."""
+  for path, module in nnx.iter_modules(model):
+    if path and path[-1] == 'encoder':
+      module.eval()
 
 
 def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], key: jax.Array, *,
-               class_weights: jax.Array, config: ml_collections.ConfigDict
+               class_weights: jax.Array, config: ml_collections.ConfigDict, phase: int = 2
                ) -> tuple[nnx.State, dict[str, jax.Array]]:
   """One optimisation step; a pure function of (state, batch, key).
+
+  Phase 1 (encoder frozen) differentiates and updates only `trainable_filter(config, 1)`, so the encoder's
+  parameters stay bit-identical. Its BatchNorm follows `config.train.frozen_encoder_bn`: 'update' (default)
+  keeps it in training mode (batch statistics, running averages move), as the official HoVer-Net code does
+  (its frozen layers run under `torch.set_grad_enabled(False)` in train mode); 'keep' runs the encoder in
+  inference mode, so its running statistics stay as loaded (the usual choice for fine-tuning on small
+  batches). HistoNeXt's ConvNeXt encoder has LayerNorm only: nothing in it moves in phase 1 either way.
 
   Args:
     graphdef, state: `nnx.split((model, optimizer))`.
@@ -60,19 +129,22 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
     key: PRNG key of this step (augmentation).
     class_weights: float32[K+1].
     config: the experiment config (method, augment, loss); read at trace time.
+    phase: 1 (encoder frozen) or 2 (all of `Method.trainable`), see `phase_of`; static.
   Returns:
     The new state and scalar metrics (loss parts, gradient norm).
   """
   method = methods.get(config)
   model, optimizer = nnx.merge(graphdef, state)
   model.train()
+  if phase == 1 and config.train.get('frozen_encoder_bn', 'update') == 'keep':
+    _encoder_eval(model)
   vector_keys = tuple(k for k, kind in method.target_kinds.items() if kind == 'hv')
   batch = augment.augment_batch(key, batch, config.augment, vector_keys=vector_keys)
 
   def loss_fn(model):
     return method.loss(model(batch['image']), batch, class_weights, config)
 
-  diff = nnx.DiffState(0, method.trainable(config))  # a refinement's stage 2: only its own parameters
+  diff = nnx.DiffState(0, trainable_filter(config, phase))  # a refinement's stage 2: only its own parameters
   (_, parts), grads = nnx.value_and_grad(loss_fn, argnums=diff, has_aux=True)(model)
   optimizer.update(model, grads)
   metrics = dict(parts, grad_norm=optax.tree.norm(grads))
@@ -196,9 +268,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
        f'class weights {np.round(class_weights, 4).tolist()}; '
        f'{steps_per_epoch} steps/epoch, {total_steps} steps')
 
-  model, optimizer = create_train_state(config, num_classes, steps_per_epoch)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                     best_mode=config.train.get('best_mode', 'max'))
+  frozen = freeze_steps(config, steps_per_epoch)
+  phase = phase_of(ckpt.latest_step() or 0, frozen)  # the optimizer the checkpoint holds (see phase_of)
+  model, optimizer = create_train_state(config, num_classes, steps_per_epoch, phase=phase)
   patience = int(config.train.get('early_stopping_patience', 0))
   start_step, since_best, stopped = 0, 0, False
   if ckpt.latest_step() is None:
@@ -211,10 +285,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
          (' (the run stopped early there: nothing left to do)' if stopped else ''))
 
   replicated = NamedSharding(mesh, P())
-  graphdef, state = nnx.split((model, optimizer))
-  state = jax.device_put(state, replicated)
-  step_fn = jax.jit(functools.partial(train_step, graphdef, class_weights=jnp.asarray(class_weights),
-                                      config=config), donate_argnums=(0,))
+
+  def compile_phase(model, optimizer, phase):
+    graphdef, state = nnx.split((model, optimizer))
+    step_fn = jax.jit(functools.partial(train_step, graphdef, class_weights=jnp.asarray(class_weights),
+                                        config=config, phase=phase), donate_argnums=(0,))
+    return graphdef, jax.device_put(state, replicated), step_fn
+
+  graphdef, state, step_fn = compile_phase(model, optimizer, phase)
 
   writer = metric_writers.MetricWriter(workdir)
   loader = pipeline.train_loader(config, train_source, mesh=mesh, start_step=start_step)
@@ -243,11 +321,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         scalars = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
         elapsed = time.perf_counter() - window_start
         scalars['images_per_s'] = window_images / max(elapsed, 1e-9)
-        scalars['learning_rate'] = float(optim.lr_schedule(config.train, steps_per_epoch)(step - 1))
+        phase_start = 0 if phase_of(step - 1, frozen) == 1 else frozen  # each phase restarts the schedule
+        scalars['learning_rate'] = float(optim.lr_schedule(config.train, steps_per_epoch)(step - 1 - phase_start))
+        if frozen:
+          scalars['phase'] = phase_of(step - 1, frozen)
         scalars['epoch'] = step / steps_per_epoch
         writer.write(step, scalars, 'train')
         bar.set_postfix(loss=f"{scalars['total']:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
         window_start, window_images, pending = time.perf_counter(), 0, []
+      if phase_of(step, frozen) != phase:  # phase 2: all parameters, a fresh optimizer (see make_optimizer)
+        model, _ = nnx.merge(graphdef, state)
+        phase = 2
+        graphdef, state, step_fn = compile_phase(model, make_optimizer(model, config, steps_per_epoch), phase)
+        since_best = 0  # early stopping counts phase-2 validations only
+        _say(f'step {step}: encoder unfrozen, training all parameters with a fresh optimizer')
 
       epoch_done = step % steps_per_epoch == 0
       epoch = step // steps_per_epoch
@@ -267,7 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         since_best = 0 if improved else since_best + 1
         _say(f'step {step} (epoch {epoch}) validation: ' + ', '.join(
             f'{k} {val_metrics[k]:.4f}' for k in ('f1_d', 'f1_c_mean', 'dice', 'bpq', 'loss') if k in val_metrics))
-        if patience and since_best >= patience:
+        if patience and since_best >= patience and (phase == 2 or frozen >= total_steps):
           stopped, end_step = True, step
           _say(f'early stopping: no better validation {config.train.best_metric} in {patience} validations')
       every = config.train.checkpoint_every_epochs
@@ -279,6 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Keep the work done so far: a resume continues from exactly this step.
     if step > start_step and ckpt.latest_step() != step:
       model, optimizer = nnx.merge(graphdef, state)
+      if phase_of(step, frozen) != phase:  # interrupted just before the switch: save phase 2's optimizer
+        optimizer = make_optimizer(model, config, steps_per_epoch)
       ckpt.save(step, model, optimizer, {'step': step, 'epoch': step // steps_per_epoch, 'interrupted': True})
       _say(f'interrupted: checkpoint saved at step {step}; run the same command to resume')
     raise

@@ -8,6 +8,11 @@ of a record is a pure function of `(seed, epoch, record index)`. So resuming at 
 lazy grain `MapDataset` of batches: no skipped record is read, and the batches are bit-identical to an
 uninterrupted run's (independently of `num_workers`).
 
+Type-aware sampling (`config.dataset.type_multipliers`, HistoNeXt): pass `e` instead draws its crops, with
+replacement, from a grid of crop windows over all training tiles weighted by the multiplier of each window's
+dominant nucleus type (`TypeAwareSampler`), from `default_rng([seed, 2, e])`: as deterministic and resumable as
+the permutation, but building the loader reads every training record once (the windows' types).
+
 Targets (class map, Gaussian centroid density) are computed here, on the host, from the cropped instance map:
 the scipy Gaussian filter is cheap, the centroids must be those of the *visible* part of each cropped nucleus,
 and the device-side dihedral augmentation commutes with the rendering up to the 1-px centroid floor (see
@@ -149,8 +154,9 @@ class TrainTransform:
   `config.dataset.crop_size` (0 = the whole tile) -> relabel the instances visible in the crop -> targets.
   Tiles smaller than the crop are padded at the bottom/right: reflect for the image (plausible texture), 0 for
   the maps (background, no nucleus, no density). With `class_balanced_sampling` the crop is centred (+-c/4
-  jitter) on a random pixel of a class drawn uniformly from the classes present in the tile (HistoNeXt
-  type-aware sampling), so rare classes are seen about as often as frequent ones.
+  jitter) on a random pixel of a class drawn uniformly from the classes present in the tile (this project's
+  simple rare-class sampler), so rare classes are seen about as often as frequent ones. A `window` given by
+  the caller (HistoNeXt's type-aware sampling, `TypeAwareSampler`) fixes the crop instead.
 
   Returns:
     {'image': uint8[c, c, 3], 'class_map': int32[c, c], 'instance_map': int32[c, c], and the method's targets,
@@ -183,7 +189,10 @@ class TrainTransform:
     sy, sx = tile[0] / inst.shape[0], tile[1] / inst.shape[1]  # source -> (resized) tile coordinates
     return int((ys[j] + 0.5) * sy), int((xs[j] + 0.5) * sx)
 
-  def __call__(self, record: Record, epoch: int = 0, index: int = 0) -> Batch:
+  def __call__(self, record: Record, epoch: int = 0, index: int = 0,
+               window: tuple[int, int] | None = None) -> Batch:
+    """`window`: the crop's top-left corner (y0, x0) in (resized) tile pixels, chosen by the caller (type-aware
+    sampling) instead of at random."""
     rng = self.rng(epoch, index)
     image = np.asarray(record[schema.IMAGE])
     inst = np.asarray(record[schema.INSTANCE_MAP])
@@ -194,7 +203,9 @@ class TrainTransform:
       h = w = self.resize
     ch, cw = (self.crop, self.crop) if self.crop else (h, w)
     centre = self._balanced_centre(record, rng, (h, w)) if (self.balanced and self.crop) else None
-    if centre is None:
+    if window is not None:
+      y0, x0 = int(window[0]), int(window[1])
+    elif centre is None:
       y0 = int(rng.integers(0, max(h - ch, 0) + 1))
       x0 = int(rng.integers(0, max(w - cw, 0) + 1))
     else:
@@ -224,6 +235,113 @@ def eval_example(record: Record, config: Any) -> Batch:
   out = {'image': np.ascontiguousarray(image, np.uint8)}
   out.update(_relabel_targets(inst, record[schema.INSTANCE_CLASSES], config))
   return out
+
+
+# ---------------------------------------------------------------------------------------------- type-aware sampling
+def _pixel_classes(record: Record) -> np.ndarray:
+  """int32[H, W]: the class (1..K) of the nucleus covering each pixel, 0 for background and unlabelled nuclei."""
+  inst = np.asarray(record[schema.INSTANCE_MAP])
+  classes = np.asarray(record[schema.INSTANCE_CLASSES], np.int32).reshape(-1)
+  lut = np.concatenate([np.zeros(1, np.int32), np.maximum(classes, 0)])
+  return lut[np.minimum(inst, classes.size)]
+
+
+def _window_starts(size: int, crop: int, stride: int) -> np.ndarray:
+  """Crop offsets 0, stride, 2 stride, ... along one axis, plus the last one (size - crop) so the far edge is
+  covered; a single 0 when the tile is no larger than the crop (it is padded)."""
+  last = max(size - crop, 0)
+  return np.unique(np.append(np.arange(0, last + 1, stride), last))
+
+
+def dominant_types(class_map: np.ndarray, crop: tuple[int, int], stride: int, num_classes: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The dominant nucleus type of every crop window of a grid over one tile.
+
+  Args:
+    class_map: int[H, W] per-pixel class, 0 background / unlabelled, 1..K nuclei.
+    crop: (ch, cw) window size; stride: grid step in pixels.
+    num_classes: K.
+  Returns:
+    (y0 int32[n], x0 int32[n], dominant int32[n]): the windows' top-left corners (row-major) and their
+    dominant type, the class with the most nucleus pixels inside (ties: the lower class), 0 when the window
+    holds no labelled nucleus pixel. Pixel counts come from one summed-area table per class.
+  """
+  ys = _window_starts(class_map.shape[0], crop[0], stride)
+  xs = _window_starts(class_map.shape[1], crop[1], stride)
+  ye = np.minimum(ys + crop[0], class_map.shape[0])
+  xe = np.minimum(xs + crop[1], class_map.shape[1])
+  counts = np.zeros((num_classes, ys.size, xs.size), np.int64)
+  for k in range(1, num_classes + 1):
+    table = np.pad(np.cumsum(np.cumsum(class_map == k, axis=0, dtype=np.int64), axis=1), ((1, 0), (1, 0)))
+    counts[k - 1] = (table[ye][:, xe] - table[ys][:, xe] - table[ye][:, xs] + table[ys][:, xs])
+  dominant = np.where(counts.max(axis=0) > 0, counts.argmax(axis=0) + 1, 0)
+  yy, xx = np.meshgrid(ys, xs, indexing='ij')
+  return yy.ravel().astype(np.int32), xx.ravel().astype(np.int32), dominant.ravel().astype(np.int32)
+
+
+class TypeAwareSampler:
+  """HistoNeXt type-aware patch sampling (`config.dataset.type_multipliers`).
+
+  The patches are the crop windows of a grid (step `config.dataset.type_sampling_stride`, 0 = crop / 8) over
+  every training tile, each labelled once, on the host, with its dominant nucleus type (`dominant_types`: most
+  nucleus *pixels*, the paper's rule). A patch is drawn with probability proportional to the multiplier of its
+  dominant type (1 for patches without a labelled nucleus), with replacement, so P(dominant type k) =
+  m_k n_k / sum_j m_j n_j for n_k patches of type k. Each pass ("epoch" of `len(source)` samples, as without
+  sampling) draws its patches from `default_rng([seed, 2, epoch])`: deterministic per seed and resumable like
+  the permutation it replaces. Crops are exactly the drawn windows (no jitter, so the crop's dominant type is
+  the patch's); the grid step sets how finely crops tile the image.
+
+  Attributes:
+    tile, y0, x0, dominant: int32[n] per patch (record index, window corner in (resized) tile pixels, type).
+    probabilities: float64[n], summing to 1.
+  """
+
+  def __init__(self, source: Sequence[Record], config: Any):
+    multipliers = np.asarray(tuple(config.dataset.type_multipliers), np.float64)
+    num_classes = int(config.dataset.num_classes)
+    if multipliers.shape != (num_classes,):
+      raise PipelineError(f'config.dataset.type_multipliers has {multipliers.size} values; it needs one per '
+                          f'class ({num_classes}), or none for uniform sampling')
+    if not np.all(np.isfinite(multipliers)) or np.any(multipliers < 0) or not np.any(multipliers > 0):
+      raise PipelineError(f'config.dataset.type_multipliers must be finite, >= 0 and not all 0, got '
+                          f'{tuple(multipliers)}')
+    if bool(config.dataset.class_balanced_sampling):
+      raise PipelineError('config.dataset.type_multipliers and class_balanced_sampling both choose the crops; '
+                          'set one of them')
+    self.seed = int(config.seed)
+    crop, resize = int(config.dataset.crop_size), int(config.dataset.resize)
+    stride = int(config.dataset.get('type_sampling_stride', 0)) or max(crop // 8, 1)
+    parts = []
+    for i in range(len(source)):
+      cls = _pixel_classes(source[i])
+      if resize:
+        cls = resize_map(cls, (resize, resize))
+      size = (crop or cls.shape[0], crop or cls.shape[1])
+      y0, x0, dominant = dominant_types(cls, size, stride, num_classes)
+      parts.append((np.full(y0.size, i, np.int32), y0, x0, dominant))
+    self.tile, self.y0, self.x0, self.dominant = (np.concatenate(p) for p in zip(*parts))
+    weights = np.concatenate([[1.0], multipliers])[self.dominant]
+    if not weights.sum() > 0:
+      raise PipelineError('config.dataset.type_multipliers: every patch of the training split has weight 0')
+    self.probabilities = weights / weights.sum()
+    self._draws: dict[tuple[int, int], np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return int(self.tile.size)
+
+  def expected_fractions(self, num_classes: int) -> np.ndarray:
+    """float64[K + 1]: the probability that a drawn patch has dominant type k (0 = none)."""
+    return np.bincount(self.dominant, weights=self.probabilities, minlength=num_classes + 1)
+
+  def draws(self, epoch: int, count: int) -> np.ndarray:
+    """int64[count]: the patches of pass `epoch` (a pure function of (seed, epoch)); cached for a few passes."""
+    key = (int(epoch), int(count))
+    if key not in self._draws:
+      if len(self._draws) > 4:
+        self._draws.clear()
+      rng = np.random.default_rng([self.seed, 2, key[0]])
+      self._draws[key] = rng.choice(len(self), size=key[1], p=self.probabilities)
+    return self._draws[key]
 
 
 # ---------------------------------------------------------------------------------------------- loaders
@@ -264,8 +382,8 @@ class _TrainSample:
   """
 
   def __init__(self, source: Sequence[Record], transform: TrainTransform, num_batches: int, global_bs: int,
-               local_bs: int, host: int):
-    self.source, self.transform = source, transform
+               local_bs: int, host: int, sampler: TypeAwareSampler | None = None):
+    self.source, self.transform, self.sampler = source, transform, sampler
     self.num_batches, self.global_bs, self.local_bs, self.host = num_batches, global_bs, local_bs, host
     self.num_records = len(source)
     self._perms: dict[int, np.ndarray] = {}
@@ -278,15 +396,28 @@ class _TrainSample:
       self._perms[epoch] = rng.permutation(self.num_records)
     return self._perms[epoch]
 
-  def record_index(self, i: int) -> tuple[int, int]:
+  def _position(self, i: int) -> tuple[int, int]:
     step, j = divmod(int(i), self.local_bs)
     position = step * self.global_bs + self.host * self.local_bs + j
-    epoch, pos = divmod(position, self.num_batches * self.global_bs)
+    return divmod(position, self.num_batches * self.global_bs)
+
+  def record_index(self, i: int) -> tuple[int, int]:
+    epoch, pos = self._position(i)
+    if self.sampler is not None:
+      return epoch, int(self.sampler.tile[self.patch_index(i)])
     return epoch, int(self.permutation(epoch)[pos])
+
+  def patch_index(self, i: int) -> int:
+    """Type-aware sampling: the index of local sample i's patch in `self.sampler`."""
+    epoch, pos = self._position(i)
+    return int(self.sampler.draws(epoch, self.num_batches * self.global_bs)[pos])
 
   def __call__(self, i: int) -> Batch:
     epoch, index = self.record_index(i)
-    return self.transform(self.source[index], epoch, index)
+    if self.sampler is None:
+      return self.transform(self.source[index], epoch, index)
+    p = self.patch_index(i)
+    return self.transform(self.source[index], epoch, index, window=(self.sampler.y0[p], self.sampler.x0[p]))
 
 
 def local_train_dataset(config: Any, source: Sequence[Record], *, start_step: int = 0) -> grain.MapDataset:
@@ -296,8 +427,9 @@ def local_train_dataset(config: Any, source: Sequence[Record], *, start_step: in
   """
   global_bs = _global_batch_size(config)
   local_bs = global_bs // jax.process_count()
+  sampler = TypeAwareSampler(source, config) if tuple(config.dataset.get('type_multipliers', ())) else None
   fn = _TrainSample(source, TrainTransform(config), passes_batches(config, source), global_bs, local_bs,
-                    jax.process_index())
+                    jax.process_index(), sampler)
   # "Infinite": 2**40 local samples is ~10^12, far beyond any run; range/map/batch/slice are all lazy.
   ds = grain.MapDataset.range(2 ** 40 - (2 ** 40) % local_bs).map(fn)
   return ds.batch(local_bs, drop_remainder=True)[int(start_step):]

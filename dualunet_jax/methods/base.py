@@ -118,6 +118,13 @@ class Method(abc.ABC):
     """The nnx filter of the parameters the optimizer trains (a refinement run: its stage-2 parameters)."""
     return nnx.Param
 
+  def encoder_filter(self, config: Any) -> Any:
+    """The nnx filter of the encoder's variables, frozen in phase 1 of two-phase training
+    (`config.train.freeze_encoder_epochs`): everything under a module attribute named `encoder` (where every
+    model with a pre-trainable backbone keeps it, as `encoder_init` assumes; also a refinement's
+    `stage1/encoder`). U-Net / U-Net++ have none (trained from scratch), so the trainer refuses to freeze them."""
+    return nnx.PathContains('encoder')
+
   def initialise(self, model: nnx.Module, config: Any) -> None:
     """Called by the trainer on a fresh run (no checkpoint yet), after `build_model` (a refinement run loads
     its stage-1 weights here)."""
