@@ -41,8 +41,10 @@ def get_config():
                        ('hv_tp_ce', 3.0), ('hv_tp_dice', 1.0)):
     setattr(config.loss, name, weight)
 
-  config.augment.color_jitter = 0.2
-  config.augment.blur_sigma = 1.0
+  config.augment.preset = 'conic'  # transpose + one of Gaussian / median / motion blur (augment_ops.py)
+  config.augment.stain_preset = 'conic'  # colour jitter: brightness / contrast / saturation 0.2, hue 0.05
+  config.augment.color_jitter = 0.0  # (the preset's jitter replaces it)
+  config.augment.blur_sigma = 0.0  # (the preset's one-of blur replaces it)
 
   config.train.batch_size = 16
   config.train.base_batch_size = 16

@@ -15,9 +15,11 @@ own x0.1-every-25-epochs schedule, as HoVer-Net's official two fits); type-aware
 CoNSeP multipliers (misc x4, normal epithelial x3, others x1) mapped onto the four merged classes: other x4
 (= misc), inflammatory x1, epithelial x1 (malignant x1 and normal x3 are one class here; malignant
 epithelium dominates it and epithelial is already the second most frequent class, 5,537 of 15,555 Train
-nuclei, so the rare-class boost is not applied), spindle x1. Not here: the batch change between the phases
-(64, then 16: one batch size per run here) and the paper's augmentation set (the project's dihedral views, HED
-and colour jitter stand in).
+nuclei, so the rare-class boost is not applied), spindle x1; the paper's augmentation set (`preset
+'histonext'`: affine with shear, elastic, H and E intensity, blur or noise, CLAHE, gamma, sharpen; see
+data/augment_ops.py). Not here: the batch change between the phases (64, then 16: one batch size per run).
+Phase 1 assumes an ImageNet encoder (`--config.model.encoder_init=...`); from random weights, train one phase
+(`--config.train.freeze_encoder_epochs=0`).
 """
 
 from configs import hovernet_consep
@@ -35,6 +37,10 @@ def get_config(variant: str = 'tiny'):
   config.dataset.crop_size = 270
   # other, inflammatory, epithelial, spindle (see the docstring for the paper's five classes)
   config.dataset.type_multipliers = (4.0, 1.0, 1.0, 1.0)
+  config.augment.preset = 'histonext'  # affine + elastic, H&E, blur|noise, CLAHE, gamma, sharpen (augment_ops.py)
+  config.augment.stain_preset = 'none'  # the preset's H and E intensity op replaces the HED jitter
+  config.augment.color_jitter = 0.0  # (inherited from hovernet_consep; not part of the paper's set)
+  config.augment.rot90 = False  # the affine's ±90° rotation covers it; flips stay on
   config.train.epochs = 100
   config.train.freeze_encoder_epochs = 50  # phase 1: encoder frozen; phase 2: all (ConvNeXt: no BatchNorm)
   config.train.lr_milestones = (25,)  # counted within each phase (fresh optimizer at the switch)

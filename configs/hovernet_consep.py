@@ -12,9 +12,11 @@ ImageNet encoder: `--config.model.encoder_init=ImageNet-ResNet50-Preact_pytorch.
 
 Official training (vqdang/hover_net `models/hovernet/opt.py`): two phases of 50 epochs, Adam(1e-4, betas 0.9,
 0.999), no weight decay, StepLR x0.1 every 25 epochs, restarted per phase; phase 1 freezes the encoder's
-d0 units and d1..d3 (batch 16), phase 2 trains everything (batch 4 per GPU); all six loss weights 1. The
-project's optimiser (optim.py) has neither phases nor freezing, so this config is one official phase with
-everything trained: 50 epochs, Adam 1e-4 without decay, x0.1 after epoch 25, batch 8. Official augmentation
+d0 units and d1..d3 (batch 16), phase 2 trains everything (batch 4 per GPU); all six loss weights 1. Here:
+the same two phases (`config.train.freeze_encoder_epochs`, a fresh Adam and schedule per phase; the whole
+`encoder` is frozen in phase 1, where the official keeps its stem, d0's shortcut and block-end BatchNorm
+trainable), one batch size (8) for both. Phase 1 assumes the ImageNet encoder; from random weights, train one
+phase (`--config.train.freeze_encoder_epochs=0 --config.train.epochs=50`). Official augmentation
 (affine, flips, blurs, hue/saturation/brightness/contrast) is approximated by the project's dihedral views,
 HED jitter and colour jitter; elastic deformation stays off (it would move HV vectors without re-deriving
 them).
@@ -58,7 +60,8 @@ def get_config(mode: str = 'original'):
   config.train.base_batch_size = 8
   config.train.learning_rate = 1e-4
   config.train.weight_decay = 0.0
-  config.train.epochs = 50
+  config.train.epochs = 100
+  config.train.freeze_encoder_epochs = 50  # phase 1: encoder frozen; phase 2: all (lr_milestones per phase)
   config.train.lr_milestones = (25,)
   config.train.lr_gamma = 0.1
   config.train.steps_per_epoch = 54  # 27 tiles x 16 crops / batch 8, as configs/consep.py
@@ -71,6 +74,7 @@ def tiny(config, width_multiplier: float = 0.125):
   config.model.width_multiplier = width_multiplier
   config.dataset.crop_size = 198 if config.model.hovernet_mode == 'original' else 104
   config.dataset.num_workers = 0
+  config.train.freeze_encoder_epochs = 0  # tiny runs train everything
   config.train.batch_size = 2
   config.train.base_batch_size = 2
   config.eval.batch_size = 1

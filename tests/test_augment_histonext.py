@@ -208,8 +208,9 @@ def test_new_ops_leave_the_existing_draws_alone(fixtures_dir):
 def test_preset_end_to_end_deterministic_and_valid(fixtures_dir, preset):
   crops = [_crop(fixtures_dir, k, 64, at=at) for k, at in ((1, (96, 96)), (3, (128, 40)))]
   batch = {k: np.stack([c[k] for c in crops]) for k in crops[0]}
-  cfg = {'preset': preset, 'flips': True, 'rot90': preset == 'conic',
-         'stain_preset': 'conic' if preset == 'conic' else 'none'}
+  from configs import conic, histonext_consep  # the augment sections the method configs train with
+  cfg = (conic if preset == 'conic' else histonext_consep).get_config().augment.to_dict()
+  assert cfg['preset'] == preset
   fn = jax.jit(lambda key, b: augment.augment_batch(key, b, cfg, vector_keys=('hv',)))
   a, b, c = (jax.device_get(fn(jax.random.key(i), batch)) for i in (3, 3, 4))
   for name in a:

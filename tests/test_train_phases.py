@@ -19,6 +19,7 @@ def _config(data_dir: pathlib.Path):
   config = demo.get_config()
   config.dataset.data_dir = str(data_dir)
   config.model.width_multiplier = 0.125
+  config.model.encoder_blocks = (1, 1, 1, 1)  # compiles faster; the encoder is still the `encoder` subtree
   config.dataset.synthetic_train_size = 8
   config.dataset.synthetic_test_size = 4
   config.dataset.synthetic_tile_size = 64
@@ -64,11 +65,11 @@ def initial(data_dir):
 def test_phases_freeze_then_train_all_and_resume_across_the_switch(tmp_path, data_dir, initial):
   reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
   trainer.train_and_evaluate(_config(data_dir), reference)
-  # The same run interrupted in phase 1 (step 1), then exactly at the switch (step 2: the checkpoint holds
-  # phase 2's fresh optimizer), resumed each time.
-  for stop in (1, 2, None):
+  # The same run interrupted exactly at the switch (step 2: the checkpoint holds phase 2's fresh optimizer),
+  # then resumed.
+  for stop in (2, None):
     trainer.train_and_evaluate(_config(data_dir), resumed, max_steps=stop)
-  assert sorted(int(p.name) for p in (resumed / 'checkpoints').iterdir()) == [1, 2, 4]
+  assert sorted(int(p.name) for p in (resumed / 'checkpoints').iterdir()) == [2, 4]
 
   # Phase 1 (steps 1-2): encoder parameters bit-identical, every decoder/head leaf moved; the encoder's
   # BatchNorm statistics move (frozen_encoder_bn='update', the official HoVer-Net behaviour).
