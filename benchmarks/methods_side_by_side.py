@@ -3,7 +3,8 @@ r"""DualU-Net's claim ("two heads are enough") measured in one framework, one pr
     .venv/bin/python benchmarks/methods_side_by_side.py --consep_dir=.data/CoNSeP            # all steps
     .venv/bin/python benchmarks/methods_side_by_side.py --consep_dir=.data/CoNSeP --steps=size,post
 
-Rows: full-size DualU-Net (ResNeXt-50, ConvNeXt-B) and HoVer-Net (fast, original). Columns, each also as a
+Rows: full-size DualU-Net (ResNeXt-50, ConvNeXt-B), HoVer-Net (fast, original), the CoNIC framework
+(SE-ResNeXt-50, one merged decoder) and HistoNeXt-Tiny (270 -> 80, like HoVer-Net original). Columns, each also as a
 ratio against DualU-Net ResNeXt-50 measured in the same run:
   size   parameters; XLA GFLOPs of the eval forward for a 256² and a 1024² OUTPUT (a valid-convolution model
          gets the input its outputs need: 256 + 2 * margin);
@@ -45,8 +46,8 @@ from dualunet_jax.methods.base import margin_of  # noqa: E402
 
 _CONSEP = flags.DEFINE_string('consep_dir', '.data/CoNSeP', 'CoNSeP in the official layout (Test/ is read).')
 _STEPS = flags.DEFINE_list('steps', ['size', 'model', 'post', 'e2e'], 'Which measurements to run.')
-_ROWS = flags.DEFINE_list('rows', ['dualunet_resnext', 'dualunet_convnext', 'hovernet_fast', 'hovernet_original'],
-                          'Which rows (see ROWS).')
+_ROWS = flags.DEFINE_list('rows', ['dualunet_resnext', 'dualunet_convnext', 'hovernet_fast', 'hovernet_original',
+                                   'conic_seresnext50', 'histonext_tiny'], 'Which rows (see ROWS).')
 _BATCH = flags.DEFINE_integer('batch', 4, 'Tiles per forward.')
 _RUNS = flags.DEFINE_integer('runs', 3, 'Timed runs (median reported).')
 _TILE = flags.DEFINE_integer('tile_size', 512, 'End-to-end tile side (model-resolution output pixels).')
@@ -59,6 +60,8 @@ ROWS = {
     'dualunet_convnext': ('dualunet', {'encoder': 'convnext_base'}),
     'hovernet_fast': ('hovernet', {'hovernet_mode': 'fast'}),
     'hovernet_original': ('hovernet', {'hovernet_mode': 'original'}),
+    'conic_seresnext50': ('conic', {'encoder': 'seresnext50_32x4d'}),
+    'histonext_tiny': ('histonext', {'encoder': 'convnext_tiny', 'histonext_variant': 'tiny'}),
 }
 
 
