@@ -46,12 +46,18 @@ def main() -> None:
   crops = [{k: v[y:y + 256, x:x + 256] for k, v in m.items()} for m in tiles for y in (0, 372, 744)
            for x in (0, 372, 744)]
   ref = lambda m: ph._postprocess_hv_reference(m['class_probs'], m['np'][..., 0], m['hv'])
+  from dualunet_jax import postprocess_kernels
+  backends = ['numpy'] + (['numba'] if postprocess_kernels.available() else [])
+  ph.postprocess_hv_maps(crops[0])  # load (or compile) the kernels before timing
   for size, maps in (('256^2', crops), ('1000^2', tiles)):
     n = len(maps)
     t_ref = _machine.median_seconds(lambda: [ref(m) for m in maps], args.repeats)
-    t_fast = _machine.median_seconds(lambda: [ph.postprocess_hv_maps(m) for m in maps], args.repeats)
-    print(f'{size}: {n} tiles, noise {args.noise} | reference {n / t_ref:7.2f} tiles/s | postprocess_hv '
-          f'{n / t_fast:7.2f} tiles/s | speed-up {t_ref / t_fast:4.1f}x', flush=True)
+    line = f'{size}: {n} tiles, noise {args.noise} | reference {n / t_ref:7.2f} tiles/s'
+    for backend in backends:
+      t_fast = _machine.median_seconds(lambda: [ph.postprocess_hv_maps(m, backend=backend) for m in maps],
+                                       args.repeats)
+      line += f' | postprocess_hv {backend} {n / t_fast:7.2f} tiles/s ({t_ref / t_fast:4.1f}x)'
+    print(line, flush=True)
 
 
 if __name__ == '__main__':

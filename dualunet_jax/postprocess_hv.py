@@ -47,7 +47,8 @@ import numpy as np
 import scipy.ndimage as ndi
 from skimage import segmentation
 
-from dualunet_jax.postprocess import Instances, PostprocessError
+from dualunet_jax import postprocess_kernels
+from dualunet_jax.postprocess import Instances, PostprocessError, use_kernels
 
 _CROSS = ndi.generate_binary_structure(2, 1)
 DEFAULTS = dict(np_threshold=0.5, energy_threshold=0.4, sobel_ksize=21, min_size=10, marker_min_size=10,
@@ -156,7 +157,8 @@ def _check(maps: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.n
 
 def instance_map_from_maps(fg_prob: np.ndarray, hv: np.ndarray, *, np_threshold: float = 0.5,
                            energy_threshold: float = 0.4, sobel_ksize: int = 21, min_size: int = 10,
-                           marker_min_size: int = 10, opening_ksize: int = 5, blur: bool = True) -> np.ndarray:
+                           marker_min_size: int = 10, opening_ksize: int = 5, blur: bool = True,
+                           backend: str = 'auto') -> np.ndarray:
   """Steps 1-6 (the official `__proc_np_hv`): int32[H, W] watershed labels (the marker numbers, with gaps).
 
   Args:
@@ -164,6 +166,8 @@ def instance_map_from_maps(fg_prob: np.ndarray, hv: np.ndarray, *, np_threshold:
     hv: float[H, W, 2] (x, y) distance maps.
     np_threshold, energy_threshold, sobel_ksize, min_size (foreground components), marker_min_size,
       opening_ksize, blur: the official 0.5, 0.4, 21, 10, 10, 5, True (3x3 Gaussian on the landscape).
+    backend: 'auto' | 'numba' | 'numpy': the watershed by the compiled kernel (postprocess_kernels.py, the
+      same labels) or by skimage.
   """
   blb = np.asarray(fg_prob, np.float32) >= np_threshold
   blb = remove_small(ndi.label(blb, structure=_CROSS)[0], min_size) > 0
@@ -179,6 +183,8 @@ def instance_map_from_maps(fg_prob: np.ndarray, hv: np.ndarray, *, np_threshold:
   marker = fill_holes(marker > 0)
   marker = open_ellipse(marker, opening_ksize)
   marker = remove_small(ndi.label(marker, structure=_CROSS)[0], marker_min_size)
+  if use_kernels(backend):
+    return postprocess_kernels.watershed(dist, marker, blb, 0.0)
   return segmentation.watershed(dist, markers=marker, mask=blb).astype(np.int32)
 
 
@@ -230,8 +236,10 @@ def postprocess_hv(class_probs: np.ndarray, fg_prob: np.ndarray, hv: np.ndarray,
 def _postprocess_hv_reference(class_probs: np.ndarray, fg_prob: np.ndarray, hv: np.ndarray, *,
                               num_classes: int | None = None, np_threshold: float = 0.5,
                               energy_threshold: float = 0.4, sobel_ksize: int = 21, min_size: int = 10,
-                              marker_min_size: int = 10, opening_ksize: int = 5, blur: bool = True) -> Instances:
-  """Plain restatement of the official `__proc_np_hv` + `process` (per-instance loops; tests, benchmark)."""
+                              marker_min_size: int = 10, opening_ksize: int = 5, blur: bool = True,
+                              backend: str = 'auto') -> Instances:
+  """Plain restatement of the official `__proc_np_hv` + `process` (per-instance loops; tests, benchmark);
+  `backend` is accepted for a common signature and ignored (the restatement always calls skimage)."""
   probs = np.asarray(class_probs)
   k = probs.shape[-1] - 1 if num_classes is None else int(num_classes)
   blb = (np.asarray(fg_prob, np.float32) >= np_threshold).astype(np.int32)

@@ -12,10 +12,13 @@ from configs import hovernet_consep
 from dualunet_jax import methods
 from dualunet_jax import metrics
 from dualunet_jax import postprocess_hv as ph
+from dualunet_jax import postprocess_kernels
 from dualunet_jax.data import consep
 from dualunet_jax.postprocess import PostprocessError
 
 FIELDS = ('instance_map', 'classes', 'centroids', 'class_map', 'counts')
+BACKENDS = ('numpy', pytest.param('numba', marks=pytest.mark.skipif(
+    not postprocess_kernels.available(), reason='numba is not installed (the `fast` extra)')))
 
 
 def _records(fixtures_dir):
@@ -90,12 +93,13 @@ def _noisy(maps, rng):
           'hv': (maps['hv'] + rng.normal(0, 0.25, maps['hv'].shape)).astype(np.float32)}
 
 
-def test_fast_path_equals_reference(fixtures_dir):
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_fast_path_equals_reference(fixtures_dir, backend):
   rng = np.random.default_rng(0)
   for record in _records(fixtures_dir):
     ideal = ph.oracle_maps(record['instance_map'], record['instance_classes'], 4)
     for maps in (ideal, _noisy(ideal, rng), _noisy(ideal, rng)):
-      fast = ph.postprocess_hv_maps(maps)
+      fast = ph.postprocess_hv_maps(maps, backend=backend)
       ref = ph._postprocess_hv_reference(maps['class_probs'], maps['np'][..., 0], maps['hv'])
       _assert_same(fast, ref)
       assert fast.num_instances > 10
@@ -107,7 +111,7 @@ def test_fast_path_equals_reference(fixtures_dir):
   # Non-default options go through both paths the same way.
   maps = _noisy(ph.oracle_maps(record['instance_map'], record['instance_classes'], 4), rng)
   opts = dict(np_threshold=0.4, energy_threshold=0.3, sobel_ksize=11, min_size=20, opening_ksize=3, blur=False)
-  _assert_same(ph.postprocess_hv_maps(maps, **opts),
+  _assert_same(ph.postprocess_hv_maps(maps, backend=backend, **opts),
                ph._postprocess_hv_reference(maps['class_probs'], maps['np'][..., 0], maps['hv'], **opts))
 
 
@@ -120,8 +124,11 @@ def test_fast_path_equals_reference_on_consep_at_both_sizes(consep_official):
   crop = lambda maps: [{k: v[y:y + 256, x:x + 256] for k, v in maps.items()} for y in (0, 256, 512)
                        for x in (0, 256, 512)]
   # The whole noisy tile is left out only for time (its reference takes ~15 s); its crops are in.
+  backends = ['numpy'] + (['numba'] if postprocess_kernels.available() else [])  # one reference per map
   for m in [ideal] + crop(ideal) + crop(_noisy(ideal, rng)):
-      _assert_same(ph.postprocess_hv_maps(m), ph._postprocess_hv_reference(m['class_probs'], m['np'][..., 0], m['hv']))
+    ref = ph._postprocess_hv_reference(m['class_probs'], m['np'][..., 0], m['hv'])
+    for backend in backends:
+      _assert_same(ph.postprocess_hv_maps(m, backend=backend), ref)
 
 
 def test_type_vote_prefers_nuclear_types():
@@ -165,7 +172,8 @@ def test_method_wiring(fixtures_dir):
   method = methods.get(config)
   assert method.name == 'hovernet' and method.postprocess_fn is ph.postprocess_hv_maps
   assert method.postprocess_kwargs(config) == dict(np_threshold=0.5, energy_threshold=0.4, sobel_ksize=21,
-                                                   min_size=10, marker_min_size=10, opening_ksize=5, blur=True)
+                                                   min_size=10, marker_min_size=10, opening_ksize=5, blur=True,
+                                                   backend='auto')
   record = _records(fixtures_dir)[0]
   inst, cls = record['instance_map'], record['instance_classes']
   maps = method.oracle_maps(inst, cls, 4, config)

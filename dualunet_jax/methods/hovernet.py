@@ -41,7 +41,7 @@ LOSS_WEIGHTS = ('hv_np_ce', 'hv_np_dice', 'hv_mse', 'hv_msge', 'hv_tp_ce', 'hv_t
 POSTPROCESS_FIELDS = {'hv_np_threshold': 'np_threshold', 'hv_energy_threshold': 'energy_threshold',
                       'hv_sobel_ksize': 'sobel_ksize', 'hv_min_size': 'min_size',
                       'hv_marker_min_size': 'marker_min_size', 'hv_opening_ksize': 'opening_ksize',
-                      'hv_blur': 'blur'}
+                      'hv_blur': 'blur', 'backend': 'backend'}
 
 
 # ------------------------------------------------------------------------------------------- loss terms
