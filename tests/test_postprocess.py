@@ -161,7 +161,7 @@ def test_config_helpers_and_errors():
   cfg = default_config.get_config()
   kw = pp.from_config(cfg.postprocess)
   assert kw == {'marker': 'hmaxima', 'h': 0.15, 'min_distance': 3, 'threshold': 0.1, 'compactness': 1.0,
-                'relabel_connectivity': 1}
+                'relabel_connectivity': 1, 'backend': 'auto'}
   with pp.PostProcessor.from_config(cfg.postprocess, workers=1) as proc:
     assert proc.workers == 1 and proc.kwargs == kw
   cm = np.zeros((8, 8), np.int32)

@@ -233,4 +233,4 @@ def test_backend_choice_and_errors(monkeypatch):
   assert not kernels.available() and not pp.use_kernels('auto')
   with pytest.raises(pp.PostprocessError, match='needs numba installed'):
     pp.use_kernels('numba')
-  assert 'backend' in pp.from_config({'h': 0.15, 'backend': 'numpy', 'workers': 2})
+  assert pp.from_config({'h': 0.15, 'backend': 'numpy', 'workers': 2}) == {'h': 0.15, 'backend': 'numpy'}
