@@ -30,9 +30,10 @@ tests/test_postprocess.py and tests/test_postprocess_exact.py):
   per-instance masks.
 - the watershed runs only on foreground components with two or more marker labels, on their bounding box,
   unless two markers of one component tie (then one whole-image call); see `_watershed`.
-With numba installed (the `fast` extra; `backend='auto'` or 'numba'), steps 2, 6 and 7 run compiled exact
-restatements of skimage's reconstruction and watershed and scipy's distance transform instead
-(postprocess_kernels.py); 'numpy' forces the path above. The output is the same either way (tested).
+With numba installed (the `fast` extra; `backend='auto'` or 'numba'), compiled exact restatements of skimage's
+reconstruction (step 2: h-maxima without certificates) and watershed and of scipy's distance transform
+(steps 6-7, inside the component logic above) replace the library calls (postprocess_kernels.py); 'numpy'
+forces the path above. The output is the same either way (tested).
 
 `marker='peak_local_max'` (not in the reference) replaces steps 2-4 by skimage `peak_local_max(r,
 min_distance, threshold_abs=threshold, exclude_border=False)`, one marker per peak.
@@ -340,8 +341,8 @@ def markers_from_density(density: np.ndarray, *, marker: str = 'hmaxima', h: flo
 def _watershed(fg: np.ndarray, markers: np.ndarray, compactness: float, backend: str = 'auto') -> np.ndarray:
   """Steps 6-7: skimage `watershed(-distance_transform_edt(fg), markers, mask=fg, compactness)`, identical.
 
-  With the compiled kernels (`use_kernels(backend)`): their exact distance transform and watershed on the
-  whole image, as the reference calls them. Otherwise:
+  With the compiled kernels (`use_kernels(backend)`) their exact distance transform and watershed stand in for
+  scipy's and skimage's below, which changes nothing else.
 
   The watershed floods the 4-connected components of fg independently (its connectivity 1), and a component's
   result depends only on the order of its own heap items: items compare by (value, age), ages are unique and
@@ -354,11 +355,17 @@ def _watershed(fg: np.ndarray, markers: np.ndarray, compactness: float, backend:
     component's pixel lies inside it, as the first pixel past the component along its row or column does);
   - if a component's markers tie, the one global call is made, as the reference does.
   """
-  if use_kernels(backend):
-    dist = kernels.distance_transform_edt(fg)
-    if dist is None:  # no background pixel: scipy's own convention
-      dist = ndi.distance_transform_edt(fg)
-    return kernels.watershed(-dist, markers, fg, compactness)
+  compiled = use_kernels(backend)
+
+  def edt(mask):
+    dist = kernels.distance_transform_edt(mask) if compiled else None
+    return ndi.distance_transform_edt(mask) if dist is None else dist  # None: no background (scipy's rule)
+
+  def flood(image, seeds, mask):
+    if compiled:
+      return kernels.watershed(image, seeds, mask, compactness)
+    return segmentation.watershed(image, seeds, mask=mask, compactness=compactness)
+
   comps, n = ndi.label(fg, structure=_CROSS)
   ws = np.zeros(fg.shape, np.int32)
   mpos = np.flatnonzero(markers.ravel() * fg.ravel())
@@ -384,8 +391,8 @@ def _watershed(fg: np.ndarray, markers: np.ndarray, compactness: float, backend:
   x0, x1 = max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, wid)
   box = fg[y0:y1, x0:x1]
   whole = (y1 - y0) * (x1 - x0) > 0.6 * fg.size or box.all()  # (no background in the box: scipy's own rule)
-  dist = ndi.distance_transform_edt(fg) if whole else None
-  dbox = dist[y0:y1, x0:x1] if whole else ndi.distance_transform_edt(box)
+  dist = edt(fg) if whole else None
+  dbox = dist[y0:y1, x0:x1] if whole else edt(box)
   sel = multi[mcomp]
   my, mx = np.divmod(mpos[sel], wid)
   v, c = dbox[my - y0, mx - x0], mcomp[sel]
@@ -393,10 +400,10 @@ def _watershed(fg: np.ndarray, markers: np.ndarray, compactness: float, backend:
   v, c = v[order], c[order]
   if ((c[1:] == c[:-1]) & (v[1:] == v[:-1])).any():
     if dist is None:
-      dist = ndi.distance_transform_edt(fg)
-    return segmentation.watershed(-dist, markers, mask=fg, compactness=compactness)
+      dist = edt(fg)
+    return flood(-dist, markers, fg)
   ibox = inside[y0:y1, x0:x1]
-  sub = segmentation.watershed(-dbox, np.where(ibox, markers[y0:y1, x0:x1], 0), mask=ibox, compactness=compactness)
+  sub = flood(-dbox, np.where(ibox, markers[y0:y1, x0:x1], 0), ibox)
   wbox = ws[y0:y1, x0:x1]
   wbox[ibox] = sub[ibox]
   return ws

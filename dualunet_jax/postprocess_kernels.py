@@ -195,8 +195,10 @@ def distance_transform_edt(fg: np.ndarray) -> np.ndarray | None:
 # ------------------------------------------------------------------------------------ watershed
 
 
-# skimage's watershed heap (heap_general.pxi): items in slots, a heap of slot numbers ordered by (value, age);
-# push = write the next free slot + sift up, pop = swap the last slot number into the root + sift down.
+# skimage's watershed heap (heap_general.pxi) is a binary heap of pointers to items, ordered by (value, age):
+# push = append + sift up, pop = swap the last pointer into the root + sift down. Here the items themselves sit
+# at their heap positions (the same swaps moving the data instead of pointers), so every comparison and every
+# tie resolves as in skimage, with less indirection.
 
 
 @_jit
@@ -207,17 +209,24 @@ def _smaller(values, ages, a, b):  # pragma: no cover - compiled
 
 
 @_jit
-def _push(values, ages, index, source, ptr, items, value, age, idx, src):  # pragma: no cover - compiled
-  slot = ptr[items]
-  values[slot] = value
-  ages[slot] = age
-  index[slot] = idx
-  source[slot] = src
+def _swap(values, ages, index, source, a, b):  # pragma: no cover - compiled
+  values[a], values[b] = values[b], values[a]
+  ages[a], ages[b] = ages[b], ages[a]
+  index[a], index[b] = index[b], index[a]
+  source[a], source[b] = source[b], source[a]
+
+
+@_jit
+def _push(values, ages, index, source, items, value, age, idx, src):  # pragma: no cover - compiled
+  values[items] = value
+  ages[items] = age
+  index[items] = idx
+  source[items] = src
   child = items
   while child > 0:
     parent = (child + 1) // 2 - 1
-    if _smaller(values, ages, ptr[child], ptr[parent]):
-      ptr[child], ptr[parent] = ptr[parent], ptr[child]
+    if _smaller(values, ages, child, parent):
+      _swap(values, ages, index, source, child, parent)
       child = parent
     else:
       break
@@ -225,30 +234,29 @@ def _push(values, ages, index, source, ptr, items, value, age, idx, src):  # pra
 
 
 @_jit
-def _pop(values, ages, ptr, items):  # pragma: no cover - compiled
-  """Removes the root; returns (its slot, items left). The slot's data stay readable until the next push."""
-  top = ptr[0]
+def _pop(values, ages, index, source, items):  # pragma: no cover - compiled
+  """Moves the root to position `items - 1` (read it there) and restores the heap; returns items - 1."""
   items -= 1
   if items == 0:
-    return top, items
-  ptr[0], ptr[items] = ptr[items], ptr[0]
+    return items
+  _swap(values, ages, index, source, 0, items)
   i = 0
   smallest = 0
   while True:
     l = i * 2 + 1
     r = i * 2 + 2
     if l < items:
-      if _smaller(values, ages, ptr[l], ptr[i]):
+      if _smaller(values, ages, l, i):
         smallest = l
-      if r < items and _smaller(values, ages, ptr[r], ptr[smallest]):
+      if r < items and _smaller(values, ages, r, smallest):
         smallest = r
     else:
       break
     if smallest == i:
       break
-    ptr[i], ptr[smallest] = ptr[smallest], ptr[i]
+    _swap(values, ages, index, source, i, smallest)
     i = smallest
-  return top, items
+  return items
 
 
 @_jit
@@ -260,18 +268,17 @@ def _watershed_flat(image, marker_locations, mask, output, width, compactness): 
   ages = np.empty(n, np.int64)
   index = np.empty(n, np.int64)
   source = np.empty(n, np.int64)
-  ptr = np.arange(n)
   items = 0
   for loc in marker_locations:
-    items = _push(values, ages, index, source, ptr, items, image[loc], np.int64(0), loc, loc)
+    items = _push(values, ages, index, source, items, image[loc], np.int64(0), loc, loc)
   compact = compactness > 0
   offsets = (-width, -1, 1, width)  # skimage's order for connectivity 1: sorted by distance, then raster
   age = np.int64(1)
   while items > 0:
-    top, items = _pop(values, ages, ptr, items)
-    e_value = values[top]
-    e_index = index[top]
-    e_source = source[top]
+    items = _pop(values, ages, index, source, items)
+    e_value = values[items]  # the popped item, until the next push overwrites it
+    e_index = index[items]
+    e_source = source[items]
     if compact:
       # a pixel can be pushed more than once; it takes the label of its first pop
       if output[e_index] != 0 and e_index != e_source:
@@ -291,7 +298,7 @@ def _watershed_flat(image, marker_locations, mask, output, width, compactness): 
         output[nb] = output[e_index]  # plain watershed labels at push time, as skimage
       if val < e_value:  # a pixel costs at least what the pixel it was reached from cost
         val = e_value
-      items = _push(values, ages, index, source, ptr, items, val, age, nb, e_source)
+      items = _push(values, ages, index, source, items, val, age, nb, e_source)
   return output
 
 
