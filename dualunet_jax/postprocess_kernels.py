@@ -13,10 +13,11 @@ the library call it replaces (same values, same tie-breaking), compiled with num
   same float64 sqrt gives the same values.
 - `watershed(image, markers, mask, compactness)`: skimage `watershed(image, markers, mask=mask,
   compactness=compactness)` with connectivity 1 and no watershed line. skimage floods from a binary heap
-  ordered by (value, age), a pushed pixel's cost raised to at least its parent's; ages are unique except for the markers (all age 0), so the only ties are between
-  markers of equal value, which the heap's exact push / pop discipline resolves. That discipline, the
-  neighbour order (up, left, right, down on the image padded by one pixel) and the float64 cost
-  `image + compactness * sqrt(dy² + dx²)` are reproduced here, so even those ties break the same way.
+  ordered by (value, age), a pushed pixel's cost raised to at least its parent's; ages are unique except for
+  the markers (all age 0), so the only ties are between markers of equal value, which the heap's exact
+  push / pop discipline resolves. That discipline, the neighbour order (up, left, right, down on the image
+  padded by one pixel) and the float64 cost `image + compactness * sqrt(dy² + dx²)` are reproduced here, so
+  even those ties break the same way.
 
 `available()` says whether the compiled kernels can be used; the numpy path in postprocess.py stays the
 fallback and both are tested against the plain reference (tests/test_postprocess_exact.py). Without numba
