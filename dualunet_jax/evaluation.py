@@ -198,11 +198,13 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
       while len(window) > limit:
         index, record, futures = window.popleft()
         results = {v: f.result() for v, f in futures.items()}
-        gt_labels = _labels(record[schema.INSTANCE_MAP], record[schema.INSTANCE_CLASSES])
+        if is_conic:  # the ground truth's central counts, once per image (the same for every variant)
+          gt_centre = conic.counts_in_centre(_labels(record[schema.INSTANCE_MAP], record[schema.INSTANCE_CLASSES]),
+                                             num_classes)[0]
         for v, result in results.items():
           accumulators[v].add(record[schema.INSTANCE_MAP], record[schema.INSTANCE_CLASSES], result)
           if is_conic:
-            centre_counts[v][0].append(conic.counts_in_centre(gt_labels, num_classes)[0])
+            centre_counts[v][0].append(gt_centre)
             centre_counts[v][1].append(conic.counts_in_centre(_labels(result.instance_map, result.classes),
                                                               num_classes)[0])
         instances = results['']
