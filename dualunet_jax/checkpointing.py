@@ -13,6 +13,7 @@ Orbax writes each checkpoint into a temporary folder and renames it when complet
 never leaves a checkpoint that a resume would pick up.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -21,6 +22,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 CONFIG_FILE = 'config.json'
@@ -61,10 +63,30 @@ def _abstract(tree: Any) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None) or default), tree)
 
 
+@functools.cache
+def _single_replica_saves_on_cpu() -> None:
+  """On CPU-only processes, each replicated array is written by one replica.
+
+  Orbax's default on CPU (and TPU; it is already off on GPU) is replica-parallel saving: every replicated
+  array is cut into one slice per device, each slice an eager op that XLA compiles per shape. On a CPU mesh
+  (the 4 simulated devices of the tests, or a CPU training run) that was most of the cost of a save: ~9 s per
+  checkpoint of a tiny HoVer-Net on 2 cores, ~0.2 s without it. The written checkpoint is the same.
+  """
+  if all(d.platform == 'cpu' for d in jax.devices()):
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # Orbax warns on every override of a default handler
+    try:
+      ocp.type_handlers.register_type_handler(
+          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    finally:
+      logging.set_verbosity(verbosity)
+
+
 class Checkpointer:
   """Periodic and best-by-validation checkpoints of one workdir."""
 
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, best_mode: str = 'max'):
+    _single_replica_saves_on_cpu()
     workdir = pathlib.Path(workdir).absolute()
     items = ('model', 'optimizer', 'meta')
     self.periodic = ocp.CheckpointManager(

@@ -3,9 +3,12 @@
 import os
 import pathlib
 
+from child_env import TEST_XLA_FLAGS  # tests/ is on sys.path (pytest's rootdir-relative import)
+
 # Must happen before jax is imported anywhere: every test process sees 4 CPU devices, so sharded code paths
-# are exercised on a CPU-only machine. Single-device code simply uses the default (first) device.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+# are exercised on a CPU-only machine (single-device code simply uses the default, first, device), and
+# compiles at LLVM level 0 (child_env.py says why).
+os.environ.setdefault('XLA_FLAGS', TEST_XLA_FLAGS)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Tests compile the same tiny models many times (one jit per run); a persistent cache shared by the test
 # workers turns repeats into cache hits.

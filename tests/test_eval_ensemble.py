@@ -6,7 +6,6 @@ compilation on a small CPU, and averaging, post-processing once and naming membe
 weights."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 
 from dualunet_jax import checkpointing, evaluation, models
 from dualunet_jax.data import sources
+from child_env import child_env
 from test_train import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -53,8 +53,7 @@ def test_two_copies_of_one_workdir_score_as_the_workdir(workdirs):
 
 
 def _cli(*args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  env.pop('XLA_FLAGS', None)
+  env = child_env()
   return subprocess.run([sys.executable, '-m', 'dualunet_jax.eval', '--config=configs/demo.py', *args, *DATA_FLAGS],
                         cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 

@@ -1,7 +1,6 @@
 """HoVer-Net through the shared stack: training loop, eval CLI, prediction engine, Segmenter, TTA, oracle."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from configs import hovernet_consep
 from dualunet_jax import checkpointing, inference, methods, models, oracle, trainer
 from dualunet_jax.data import consep, synthetic
 from dualunet_jax.methods import base
+from child_env import child_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -66,8 +66,7 @@ def test_training_loop_and_checkpoint(trained):
 
 def test_eval_cli_on_a_hovernet_workdir(trained):
   workdir, _, _, data_dir = trained
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = child_env()
   cmd = [sys.executable, '-m', 'dualunet_jax.eval', '--config=configs/hovernet_consep.py:fast',
          f'--workdir={workdir}', '--checkpoint=last', '--config.dataset.name=synthetic',
          f'--config.dataset.data_dir={data_dir}', '--config.dataset.synthetic_train_size=4',

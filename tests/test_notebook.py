@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from child_env import FAST_COMPILE_FLAGS
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / 'launch' / 'colab_quickstart.ipynb'
 
@@ -47,7 +49,7 @@ def notebook_env(tmp_path, monkeypatch):
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(REPO / '.data' / 'jax_cache_tests'))
   monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
-  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', FAST_COMPILE_FLAGS)  # one CPU device, the tests' fast compilation
   if str(REPO) not in sys.path:
     monkeypatch.syspath_prepend(str(REPO))
   return tmp_path
