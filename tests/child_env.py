@@ -2,8 +2,8 @@
 
 Tests run tiny models for a few steps, so XLA compilation, not execution, is most of their time. LLVM at
 optimisation level 0 compiles about twice as fast on a 2-core CPU (the DualU-Net training fixture of
-tests/test_train.py: 46.7 s -> 19.3 s of backend compilation, 72 s -> 45 s in all) and computes the same
-functions; the production code paths are untouched (the flag is set for the tests only).
+tests/test_train.py: 46.7 s -> 19.3 s of backend compilation, 72 s -> 45 s in all): the same programs, less
+optimised by LLVM. Production code paths are untouched (the flag is set for the tests only).
 """
 
 import os

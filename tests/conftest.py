@@ -7,7 +7,7 @@ from child_env import TEST_XLA_FLAGS  # tests/ is on sys.path (pytest's rootdir-
 
 # Must happen before jax is imported anywhere: every test process sees 4 CPU devices, so sharded code paths
 # are exercised on a CPU-only machine (single-device code simply uses the default, first, device), and
-# compiles at LLVM level 0 (child_env.py says why).
+# compiles at LLVM optimisation level 0 (child_env.py says why).
 os.environ.setdefault('XLA_FLAGS', TEST_XLA_FLAGS)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Tests compile the same tiny models many times (one jit per run); a persistent cache shared by the test
