@@ -13,9 +13,9 @@ ImageNet encoder: `--config.model.encoder_init=ImageNet-ResNet50-Preact_pytorch.
 Official training (vqdang/hover_net `models/hovernet/opt.py`): two phases of 50 epochs, Adam(1e-4, betas 0.9,
 0.999), no weight decay, StepLR x0.1 every 25 epochs, restarted per phase; phase 1 freezes the encoder's
 d0 units and d1..d3 (batch 16), phase 2 trains everything (batch 4 per GPU); all six loss weights 1. Here:
-the same two phases (`config.train.freeze_encoder_epochs`, a fresh Adam and schedule per phase; the whole
-`encoder` is frozen in phase 1, where the official keeps its stem, d0's shortcut and block-end BatchNorm
-trainable), one batch size (8) for both. Phase 1 assumes the ImageNet encoder; from random weights, train one
+the same two phases (`config.train.freeze_encoder_epochs`, a fresh Adam and schedule per phase; phase 1 freezes
+what the official freezes: the stem, d0's shortcut and block-end BatchNorm and conv_bot keep training,
+`HoVerNetMethod.encoder_filter`), one batch size (8) for both. Phase 1 assumes the ImageNet encoder; from random weights, train one
 phase (`--config.train.freeze_encoder_epochs=0 --config.train.epochs=50`). Official augmentation
 (affine, flips, blurs, hue/saturation/brightness/contrast) is approximated by the project's dihedral views,
 HED jitter and colour jitter; elastic deformation stays off (it would move HV vectors without re-deriving

@@ -83,3 +83,36 @@ def test_histonext_config_selects_its_losses():
   assert set(parts) == {'np_asl', 'hv_mse', 'hv_msge', 'tp_focal', 'total'}
   np.testing.assert_allclose(float(total), float(parts['np_asl'] + parts['hv_mse'] + parts['hv_msge']
                                                  + parts['tp_focal']), rtol=1e-6)
+
+
+
+def _trained_encoder_paths(config) -> tuple[set[tuple], set[tuple]]:
+  """Paths (below `encoder`) of the encoder parameters the optimizers of phase 1 and phase 2 update."""
+  from flax import nnx
+  from dualunet_jax import trainer
+  model = methods.get(config).abstract_model(config, 4)
+  out = []
+  for phase in (1, 2):
+    state = nnx.state(model, nnx.All(nnx.Param, trainer.trainable_filter(config, phase)))
+    paths = [tuple(str(k) for k in path) for path, _ in nnx.to_flat_state(state)]
+    assert any(p[0] != 'encoder' for p in paths)  # the decoders train in both phases
+    out.append({p[1:] for p in paths if p[0] == 'encoder'})
+  return out[0], out[1]
+
+
+def test_phase1_freezes_what_each_paper_freezes():
+  """HoVer-Net: the official phase 1 (net_desc.py, freeze=True) trains the stem, d0's shortcut and block-end
+  BatchNorm and conv_bot, nothing else of the encoder; CoNIC and HistoNeXt freeze their whole encoder."""
+  from configs import hovernet_consep
+  config = hovernet_consep.tiny(hovernet_consep.get_config('fast'))
+  config.model.encoder_blocks = (1, 2, 1, 1)  # small, and d0 / d1 with one and several units
+  phase1, everything = _trained_encoder_paths(config)
+  assert {p[:2] if p[0] == 'd0' else p[:1] for p in phase1} == {
+      ('conv0',), ('conv0_bn',), ('d0', 'shortcut'), ('d0', 'blk_bna'), ('conv_bot',)}
+  assert phase1 < everything and {p[0] for p in everything} >= {'d0', 'd1', 'd2', 'd3'}
+  conic_config, histonext_config = conic.get_config(), histonext_consep.get_config()
+  conic_config.model.width_multiplier = histonext_config.model.width_multiplier = 0.125
+  conic_config.model.cardinality = 1
+  for config in (conic_config, histonext_config):
+    phase1, everything = _trained_encoder_paths(config)
+    assert phase1 == set() and everything

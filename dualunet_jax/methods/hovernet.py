@@ -223,6 +223,22 @@ class HoVerNetMethod(base.Method):
     from dualunet_jax import convert_hovernet  # torch only when asked for
     convert_hovernet.load_encoder_weights(model, path)
 
+  # The official phase 1 (`net_desc.py`, freeze=True) runs d0's residual units and all of d1..d3 without
+  # gradients; the stem (conv0 and its BatchNorm), d0's shortcut and block-end BatchNorm, and conv_bot train.
+  PHASE1_TRAINABLE_ENCODER = (('conv0',), ('conv0_bn',), ('d0', 'shortcut'), ('d0', 'blk_bna'), ('conv_bot',))
+
+  def encoder_filter(self, config: Any) -> Any:
+    """The encoder's variables frozen in phase 1: all but `PHASE1_TRAINABLE_ENCODER`, as the official code."""
+    keep = self.PHASE1_TRAINABLE_ENCODER
+
+    def frozen(path: tuple, _) -> bool:
+      if 'encoder' not in path:
+        return False
+      rest = tuple(path[path.index('encoder') + 1:])
+      return not any(rest[:len(prefix)] == prefix for prefix in keep)
+
+    return frozen
+
   def make_targets(self, instance_map: np.ndarray, instance_classes: np.ndarray, config: Any) -> dict[str, np.ndarray]:
     from dualunet_jax.data import hv_targets
     inst = np.asarray(instance_map, np.int32)
@@ -276,6 +292,8 @@ class ConicMethod(HoVerNetMethod):
     from dualunet_jax.models import seresnext  # timm SE-ResNeXt ImageNet weights (.safetensors / .pth)
     seresnext.load_seresnext_weights(model.encoder, path)
 
+  encoder_filter = base.Method.encoder_filter  # the whole encoder (not HoVer-Net's official partial freeze)
+
 
 class HistoNeXtMethod(HoVerNetMethod):
   """HistoNeXt (seed 004) as a method: `models.histonext.HistoNeXt` (ConvNeXt encoder, dense-block NP and HV
@@ -294,3 +312,5 @@ class HistoNeXtMethod(HoVerNetMethod):
   def target_margin(self, config: Any) -> int:
     from dualunet_jax.models import histonext
     return histonext.MARGIN
+
+  encoder_filter = base.Method.encoder_filter  # the paper freezes the whole ConvNeXt encoder in phase 1
