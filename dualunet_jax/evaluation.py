@@ -210,8 +210,8 @@ def evaluate(model: nnx.Module | Forward, source: Any, config: ml_collections.Co
         instances = results['']
         if conic_dir is not None:
           pred = _labels(instances.instance_map, instances.classes)
-          crop = conic.CENTRE_CROP if is_conic else 0
-          written_counts.append(conic.counts_in_centre(pred, num_classes, crop=crop)[0])
+          written_counts.append(centre_counts[''][1][-1] if is_conic else  # central counts, computed above
+                                conic.counts_in_centre(pred, num_classes, crop=0)[0])
           if conic_labels is None:
             conic_dir.mkdir(parents=True, exist_ok=True)
             conic_labels = np.lib.format.open_memmap(conic_dir / 'pred_labels.npy', mode='w+', dtype=np.int32,
