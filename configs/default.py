@@ -134,6 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
   # parameters; 0 = one phase. Phase 2 starts a fresh optimizer, so lr_milestones count from each phase's start;
   # early stopping only acts in phase 2 (trainer.make_optimizer).
   config.train.freeze_encoder_epochs = 0
+  config.train.phase1_batch_size = 0  # global batch of phase 1 (0 = batch_size; HoVer-Net official: 16, then 4)
   # Encoder BatchNorm in phase 1: 'update' (training mode, running statistics move: the official HoVer-Net
   # code) | 'keep' (inference mode, statistics stay as loaded). ConvNeXt encoders have no BatchNorm.
   config.train.frozen_encoder_bn = 'update'

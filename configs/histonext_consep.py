@@ -17,7 +17,7 @@ CoNSeP multipliers (misc x4, normal epithelial x3, others x1) mapped onto the fo
 epithelium dominates it and epithelial is already the second most frequent class, 5,537 of 15,555 Train
 nuclei, so the rare-class boost is not applied), spindle x1; the paper's augmentation set (`preset
 'histonext'`: affine with shear, elastic, H and E intensity, blur or noise, CLAHE, gamma, sharpen; see
-data/augment_ops.py). Not here: the batch change between the phases (64, then 16: one batch size per run).
+data/augment_ops.py); the paper's batches, 64 in phase 1 and 16 in phase 2, at Adam 1e-4 in both.
 Phase 1 assumes an ImageNet encoder (`--config.model.encoder_init=...`); from random weights, train one phase
 (`--config.train.freeze_encoder_epochs=0`).
 """
@@ -43,6 +43,10 @@ def get_config(variant: str = 'tiny'):
   config.augment.rot90 = False  # the affine's ±90° rotation covers it; flips stay on
   config.train.epochs = 100
   config.train.freeze_encoder_epochs = 50  # phase 1: encoder frozen; phase 2: all (ConvNeXt: no BatchNorm)
+  config.train.batch_size = 16  # phase 2
+  config.train.phase1_batch_size = 64
+  config.train.base_batch_size = 16  # Adam 1e-4 in both phases
+  config.train.steps_per_epoch = 27  # 27 tiles x 16 crops / batch 16 (phase 1: 7 steps of 64)
   config.train.lr_milestones = (25,)  # counted within each phase (fresh optimizer at the switch)
   config.train.eval_every_epochs = 5
   config.train.checkpoint_every_epochs = 5

@@ -15,8 +15,9 @@ Official training (vqdang/hover_net `models/hovernet/opt.py`): two phases of 50 
 d0 units and d1..d3 (batch 16), phase 2 trains everything (batch 4 per GPU); all six loss weights 1. Here:
 the same two phases (`config.train.freeze_encoder_epochs`, a fresh Adam and schedule per phase; phase 1 freezes
 what the official freezes: the stem, d0's shortcut and block-end BatchNorm and conv_bot keep training,
-`HoVerNetMethod.encoder_filter`), one batch size (8) for both. Phase 1 assumes the ImageNet encoder; from random weights, train one
-phase (`--config.train.freeze_encoder_epochs=0 --config.train.epochs=50`). Official augmentation
+`HoVerNetMethod.encoder_filter`) and the official batches (16, then 4: `config.train.phase1_batch_size`).
+Phase 1 assumes the ImageNet encoder; from random weights, train one phase (`--config.train.freeze_encoder_epochs=0
+--config.train.epochs=50`). Official augmentation
 (affine, flips, blurs, hue/saturation/brightness/contrast) is approximated by the project's dihedral views,
 HED jitter and colour jitter; elastic deformation stays off (it would move HV vectors without re-deriving
 them).
@@ -56,15 +57,16 @@ def get_config(mode: str = 'original'):
 
   config.augment.color_jitter = 0.2  # the official varies hue, saturation, brightness and contrast
 
-  config.train.batch_size = 8
-  config.train.base_batch_size = 8
+  config.train.batch_size = 4  # phase 2 (official: 4 per GPU, one GPU here)
+  config.train.phase1_batch_size = 16  # phase 1 (official: 16 per GPU)
+  config.train.base_batch_size = 4  # Adam 1e-4 in both phases (phase_config keeps the rate across the change)
   config.train.learning_rate = 1e-4
   config.train.weight_decay = 0.0
   config.train.epochs = 100
   config.train.freeze_encoder_epochs = 50  # phase 1: encoder frozen; phase 2: all (lr_milestones per phase)
   config.train.lr_milestones = (25,)
   config.train.lr_gamma = 0.1
-  config.train.steps_per_epoch = 54  # 27 tiles x 16 crops / batch 8, as configs/consep.py
+  config.train.steps_per_epoch = 108  # 27 tiles x 16 crops / batch 4, as configs/consep.py (phase 1: 27 of 16)
   config.eval.batch_size = 2
   return config
 
@@ -75,6 +77,7 @@ def tiny(config, width_multiplier: float = 0.125):
   config.dataset.crop_size = 198 if config.model.hovernet_mode == 'original' else 104
   config.dataset.num_workers = 0
   config.train.freeze_encoder_epochs = 0  # tiny runs train everything
+  config.train.phase1_batch_size = 0
   config.train.batch_size = 2
   config.train.base_batch_size = 2
   config.eval.batch_size = 1

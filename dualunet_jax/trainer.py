@@ -56,6 +56,61 @@ def freeze_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int
   return epochs * steps_per_epoch
 
 
+def phase_config(config: ml_collections.ConfigDict, phase: int) -> ml_collections.ConfigDict:
+  """`config` as phase `phase` trains it: phase 1 of a two-phase run uses `config.train.phase1_batch_size`
+  (0 = `batch_size`) as its global batch (HoVer-Net's official 16 then 4, HistoNeXt's 64 then 16), and its
+  own steps per epoch: one pass with `steps_per_epoch` 0, else `steps_per_epoch` scaled so that an epoch is
+  the same number of images in both phases. The learning rate stays the run's (`optim.learning_rate` at
+  `batch_size`): the papers keep Adam's rate across the batch change."""
+  batch = int(config.train.get('phase1_batch_size', 0))
+  if phase != 1 or batch in (0, int(config.train.batch_size)):
+    return config
+  if batch < 0:
+    raise ValueError(f'config.train.phase1_batch_size must be >= 0, got {batch}')
+  run_batch = int(config.train.batch_size)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.train.batch_size = batch
+  config.train.learning_rate = config.train.learning_rate * run_batch / batch  # undoes the linear scaling
+  if int(config.train.steps_per_epoch) > 0:
+    config.train.steps_per_epoch = max(1, round(int(config.train.steps_per_epoch) * run_batch / batch))
+  return config
+
+
+class Schedule:
+  """Steps, epochs and phases of a run. Phase 1 (`freeze_encoder_epochs` epochs of `steps_per_epoch[1]`
+  steps) then phase 2 (the other epochs, `steps_per_epoch[2]` steps each); the two differ only when phase 1
+  has its own batch size and an epoch is one pass over the data."""
+
+  def __init__(self, config: ml_collections.ConfigDict, source: Any):
+    self.frozen_epochs = int(config.train.get('freeze_encoder_epochs', 0))
+    self.steps_per_epoch = {p: pipeline.steps_per_epoch(phase_config(config, p), source) for p in (1, 2)}
+    self.frozen_steps = freeze_steps(config, self.steps_per_epoch[1])
+    later_epochs = max(0, config.train.epochs - self.frozen_epochs) if self.frozen_steps else config.train.epochs
+    self.total_steps = min(self.frozen_steps, config.train.epochs * self.steps_per_epoch[1]) + \
+        later_epochs * self.steps_per_epoch[2]
+
+  def phase(self, step: int) -> int:
+    return phase_of(step, self.frozen_steps)
+
+  def phase_start(self, phase: int) -> int:
+    """The global step at which `phase` starts (its schedule and data order count from there)."""
+    return 0 if phase == 1 else self.frozen_steps
+
+  def epoch(self, step: int) -> tuple[int, bool]:
+    """(epochs completed after `step` steps, whether `step` ends an epoch)."""
+    if step <= self.frozen_steps:
+      done, rest = divmod(step, self.steps_per_epoch[1])
+      return done, rest == 0
+    done, rest = divmod(step - self.frozen_steps, self.steps_per_epoch[2])
+    return self.frozen_epochs + done, rest == 0
+
+  def progress(self, step: int) -> float:
+    """Epochs completed after `step` steps, with the fraction of the current one."""
+    if step <= self.frozen_steps:
+      return step / self.steps_per_epoch[1]
+    return self.frozen_epochs + (step - self.frozen_steps) / self.steps_per_epoch[2]
+
+
 def phase_of(step: int, frozen_steps: int) -> int:
   """Phase of the step taken after `step` steps: 1 (encoder frozen) for the first `frozen_steps`, then 2.
 
@@ -85,7 +140,7 @@ def make_optimizer(model: nnx.Module, config: ml_collections.ConfigDict, steps_p
   keep one schedule; it is not what the papers ran.) A fresh optimizer is a pure function of the model, so
   a resume across the switch rebuilds it exactly.
   """
-  return nnx.Optimizer(model, optim.make_optimizer(config.train, steps_per_epoch),
+  return nnx.Optimizer(model, optim.make_optimizer(phase_config(config, phase).train, steps_per_epoch),
                        wrt=trainable_filter(config, phase))
 
 
@@ -247,9 +302,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   from dualunet_jax import refinement  # pylint: disable=import-outside-toplevel
   if refinement.is_two_stage(config):  # the stage-1 run's method, data, model and post-processing sections
     config = refinement.resolve_config(config)
-  if config.train.batch_size % mesh.size:
-    raise ValueError(f'config.train.batch_size={config.train.batch_size} is not divisible by the '
-                     f'{mesh.size} devices of the mesh')
+  for name, batch in (('batch_size', config.train.batch_size),
+                      ('phase1_batch_size', config.train.get('phase1_batch_size', 0))):
+    if batch % mesh.size:
+      raise ValueError(f'config.train.{name}={batch} is not divisible by the {mesh.size} devices of the mesh')
   num_classes, class_names, mpp = sources.dataset_info(config.dataset)
   with config.unlocked():  # record what the data says, so eval/predict rebuild the same model
     config.dataset.num_classes = num_classes
@@ -260,19 +316,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   train_source = sources.load_source(config.dataset, config.dataset.train_split)
   val_source = sources.load_source(config.dataset, config.dataset.val_split) if config.dataset.val_split else None
-  steps_per_epoch = config.train.steps_per_epoch or pipeline.steps_per_epoch(config, train_source)
-  total_steps = config.train.epochs * steps_per_epoch
+  schedule = Schedule(config, train_source)
+  total_steps = schedule.total_steps
   class_weights = class_weights_for(config, train_source, num_classes, workdir)
   stain_statistics_for(train_source, workdir)
   _say(f'{config.dataset.name}: {len(train_source)} training tiles, classes {list(class_names)}, '
        f'class weights {np.round(class_weights, 4).tolist()}; '
-       f'{steps_per_epoch} steps/epoch, {total_steps} steps')
+       f'{schedule.steps_per_epoch[2]} steps/epoch, {total_steps} steps' +
+       (f' (phase 1: {schedule.frozen_steps} steps of batch {phase_config(config, 1).train.batch_size})'
+        if schedule.frozen_steps else ''))
 
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                     best_mode=config.train.get('best_mode', 'max'))
-  frozen = freeze_steps(config, steps_per_epoch)
-  phase = phase_of(ckpt.latest_step() or 0, frozen)  # the optimizer the checkpoint holds (see phase_of)
-  model, optimizer = create_train_state(config, num_classes, steps_per_epoch, phase=phase)
+  frozen = schedule.frozen_steps
+  phase = schedule.phase(ckpt.latest_step() or 0)  # the optimizer the checkpoint holds (see phase_of)
+  model, optimizer = create_train_state(config, num_classes, schedule.steps_per_epoch[phase], phase=phase)
   patience = int(config.train.get('early_stopping_patience', 0))
   start_step, since_best, stopped = 0, 0, False
   if ckpt.latest_step() is None:
@@ -295,7 +353,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   graphdef, state, step_fn = compile_phase(model, optimizer, phase)
 
   writer = metric_writers.MetricWriter(workdir)
-  loader = pipeline.train_loader(config, train_source, mesh=mesh, start_step=start_step)
+
+  def phase_loader(phase, step):  # each phase's data order counts from the phase's start (its batch may differ)
+    return pipeline.train_loader(phase_config(config, phase), train_source, mesh=mesh,
+                                 start_step=step - schedule.phase_start(phase))
+
+  loader = phase_loader(phase, start_step)
   base_key = jax.random.key(config.seed)
   end_step = total_steps if max_steps is None else min(total_steps, max_steps)
   if stopped:
@@ -313,7 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
       step += 1
       pending.append(metrics)
-      window_images += config.train.batch_size
+      window_images += batch['image'].shape[0]
       bar.update(1)
       if on_step is not None:
         on_step(step)
@@ -321,23 +384,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         scalars = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
         elapsed = time.perf_counter() - window_start
         scalars['images_per_s'] = window_images / max(elapsed, 1e-9)
-        phase_start = 0 if phase_of(step - 1, frozen) == 1 else frozen  # each phase restarts the schedule
-        scalars['learning_rate'] = float(optim.lr_schedule(config.train, steps_per_epoch)(step - 1 - phase_start))
+        stepped = schedule.phase(step - 1)  # each phase restarts the schedule
+        scalars['learning_rate'] = float(optim.lr_schedule(phase_config(config, stepped).train,
+                                                           schedule.steps_per_epoch[stepped])(
+                                                               step - 1 - schedule.phase_start(stepped)))
         if frozen:
-          scalars['phase'] = phase_of(step - 1, frozen)
-        scalars['epoch'] = step / steps_per_epoch
+          scalars['phase'] = stepped
+        scalars['epoch'] = schedule.progress(step)
+        scalars['batch_size'] = batch['image'].shape[0]  # global batch (phases may differ)
         writer.write(step, scalars, 'train')
         bar.set_postfix(loss=f"{scalars['total']:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
         window_start, window_images, pending = time.perf_counter(), 0, []
-      if phase_of(step, frozen) != phase:  # phase 2: all parameters, a fresh optimizer (see make_optimizer)
+      if schedule.phase(step) != phase:  # phase 2: all parameters, a fresh optimizer (see make_optimizer)
         model, _ = nnx.merge(graphdef, state)
         phase = 2
-        graphdef, state, step_fn = compile_phase(model, make_optimizer(model, config, steps_per_epoch), phase)
+        graphdef, state, step_fn = compile_phase(
+            model, make_optimizer(model, config, schedule.steps_per_epoch[2]), phase)
+        loader.close()
+        loader = phase_loader(phase, step)
         since_best = 0  # early stopping counts phase-2 validations only
         _say(f'step {step}: encoder unfrozen, training all parameters with a fresh optimizer')
 
-      epoch_done = step % steps_per_epoch == 0
-      epoch = step // steps_per_epoch
+      epoch, epoch_done = schedule.epoch(step)
       if (epoch_done and val_source is not None and _is_eval_epoch(epoch, config)) or \
          (step == end_step and val_source is not None and not val_metrics):
         model, optimizer = nnx.merge(graphdef, state)
@@ -366,9 +434,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Keep the work done so far: a resume continues from exactly this step.
     if step > start_step and ckpt.latest_step() != step:
       model, optimizer = nnx.merge(graphdef, state)
-      if phase_of(step, frozen) != phase:  # interrupted just before the switch: save phase 2's optimizer
-        optimizer = make_optimizer(model, config, steps_per_epoch)
-      ckpt.save(step, model, optimizer, {'step': step, 'epoch': step // steps_per_epoch, 'interrupted': True})
+      if schedule.phase(step) != phase:  # interrupted just before the switch: save phase 2's optimizer
+        optimizer = make_optimizer(model, config, schedule.steps_per_epoch[2])
+      ckpt.save(step, model, optimizer, {'step': step, 'epoch': schedule.epoch(step)[0], 'interrupted': True})
       _say(f'interrupted: checkpoint saved at step {step}; run the same command to resume')
     raise
   finally:

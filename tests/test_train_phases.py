@@ -62,40 +62,52 @@ def initial(data_dir):
   return model
 
 
+def _two_batch_config(data_dir: pathlib.Path):
+  """`_config` with epochs of one pass over the 8 training tiles and phase 1 at its own global batch of 8
+  (HoVer-Net's official schedule changes the batch at the switch): phase 1 = 1 step, phase 2 = 2 steps of 4."""
+  config = _config(data_dir)
+  config.train.steps_per_epoch = 0
+  config.train.phase1_batch_size = 8
+  return config
+
+
 def test_phases_freeze_then_train_all_and_resume_across_the_switch(tmp_path, data_dir, initial):
   reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
-  trainer.train_and_evaluate(_config(data_dir), reference)
-  # The same run interrupted exactly at the switch (step 2: the checkpoint holds phase 2's fresh optimizer),
+  trainer.train_and_evaluate(_two_batch_config(data_dir), reference)
+  # The same run interrupted exactly at the switch (step 1: the checkpoint holds phase 2's fresh optimizer),
   # then resumed.
-  for stop in (2, None):
-    trainer.train_and_evaluate(_config(data_dir), resumed, max_steps=stop)
-  assert sorted(int(p.name) for p in (resumed / 'checkpoints').iterdir()) == [2, 4]
+  for stop in (1, None):
+    trainer.train_and_evaluate(_two_batch_config(data_dir), resumed, max_steps=stop)
+  assert sorted(int(p.name) for p in (resumed / 'checkpoints').iterdir()) == [1, 3]
 
-  # Phase 1 (steps 1-2): encoder parameters bit-identical, every decoder/head leaf moved; the encoder's
+  # Phase 1 (step 1): encoder parameters bit-identical, every decoder/head leaf moved; the encoder's
   # BatchNorm statistics move (frozen_encoder_bn='update', the official HoVer-Net behaviour).
   start = nnx.to_pure_dict(nnx.state(initial, nnx.Param))
-  (enc0, dec0), (enc1, dec1) = _split(start), _split(_checkpoint(resumed, 2))
+  (enc0, dec0), (enc1, dec1) = _split(start), _split(_checkpoint(resumed, 1))
   assert not any(_changed(enc0, enc1))
   assert all(_changed(dec0, dec1))
   stats0 = _split(nnx.to_pure_dict(nnx.state(initial, nnx.BatchStat)))[0]
-  assert all(_changed(stats0, _split(_checkpoint(resumed, 2, nnx.BatchStat))[0]))
-  # Phase 2 (steps 3-4): every parameter moves.
-  enc2, dec2 = _split(_checkpoint(reference, 4))
+  assert all(_changed(stats0, _split(_checkpoint(resumed, 1, nnx.BatchStat))[0]))
+  # Phase 2 (steps 2-3): every parameter moves.
+  enc2, dec2 = _split(_checkpoint(reference, 3))
   assert all(_changed(enc1, enc2)) and all(_changed(dec1, dec2))
 
   # The resumed run ends where the uninterrupted one does.
   for kind in (nnx.Param, nnx.BatchStat):
-    final, expected = _checkpoint(resumed, 4, kind), _checkpoint(reference, 4, kind)
+    final, expected = _checkpoint(resumed, 3, kind), _checkpoint(reference, 3, kind)
     assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(expected))) < 1e-6
   train = [r for r in metric_writers.read_metrics(reference) if r['split'] == 'train']
   again = [r for r in metric_writers.read_metrics(resumed) if r['split'] == 'train']
-  assert [r['step'] for r in again] == [1, 2, 3, 4]
+  assert [r['step'] for r in again] == [1, 2, 3]
   np.testing.assert_allclose([r['total'] for r in again], [r['total'] for r in train], rtol=1e-5)
-  assert [r['phase'] for r in train] == [r['phase'] for r in again] == [1, 1, 2, 2]
-  # Phase 2 restarts the schedule: its first epoch is at the full rate (one global schedule would have
-  # applied the epoch-1 milestone at step 3).
-  assert [r['learning_rate'] for r in train] == pytest.approx([2e-3 * 4 / 8] * 4)
+  assert [r['phase'] for r in train] == [r['phase'] for r in again] == [1, 2, 2]
+  # Each phase has its own global batch (and so its own steps per epoch) at the run's learning rate (the
+  # papers keep Adam's rate across the batch change), and restarts the schedule: its first epoch is at the
+  # full rate (one global schedule would have applied the epoch-1 milestone to phase 2).
+  assert [r['batch_size'] for r in train] == [r['batch_size'] for r in again] == [8, 4, 4]
+  assert [r['epoch'] for r in train] == pytest.approx([1.0, 1.5, 2.0])
+  assert [r['learning_rate'] for r in train] == pytest.approx([2e-3 * 4 / 8] * 3)
 
 
 def test_keep_mode_leaves_the_encoder_batchnorm_alone(data_dir, initial):
@@ -127,3 +139,24 @@ def test_bad_settings_are_refused(data_dir):
   config.train.freeze_encoder_epochs = 2
   with pytest.raises(ValueError, match='no encoder'):  # shapes only: nothing is initialised
     nnx.eval_shape(lambda: trainer.create_train_state(config, 1, steps_per_epoch=1, phase=1))
+
+
+def test_official_batch_change_keeps_images_per_epoch_and_the_learning_rate():
+  """HoVer-Net (16, then 4) and HistoNeXt (64, then 16): an epoch is the same number of crops in both phases,
+  Adam's rate is the same in both (as the papers), and the run is 50 + 50 epochs long."""
+  from configs import histonext_consep, hovernet_consep
+  from dualunet_jax import optim
+  for config, per_epoch in ((hovernet_consep.get_config('fast'), {1: 27, 2: 108}),
+                            (histonext_consep.get_config(), {1: 7, 2: 27})):
+    schedule = trainer.Schedule(config, source=())  # explicit steps per epoch: the source is not read
+    assert schedule.steps_per_epoch == per_epoch
+    assert schedule.frozen_steps == 50 * per_epoch[1]
+    assert schedule.total_steps == 50 * per_epoch[1] + 50 * per_epoch[2]
+    assert schedule.epoch(schedule.frozen_steps) == (50, True)
+    assert schedule.epoch(schedule.frozen_steps + per_epoch[2]) == (51, True)
+    assert schedule.epoch(schedule.frozen_steps + 1) == (50, False)
+    phase1 = trainer.phase_config(config, 1)
+    assert phase1.train.batch_size == config.train.phase1_batch_size and phase1 is not config
+    assert optim.learning_rate(phase1.train) == pytest.approx(optim.learning_rate(config.train)) == \
+        pytest.approx(1e-4)
+    assert trainer.phase_config(config, 2) is config
