@@ -87,7 +87,6 @@ class Checkpointer:
   """Periodic and best-by-validation checkpoints of one workdir."""
 
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, best_mode: str = 'max'):
-    _single_replica_saves_on_cpu()
     workdir = pathlib.Path(workdir).absolute()
     items = ('model', 'optimizer', 'meta')
     self.periodic = ocp.CheckpointManager(
@@ -99,6 +98,7 @@ class Checkpointer:
 
   @staticmethod
   def _args(model: nnx.Module, optimizer: nnx.Optimizer | None, meta: dict) -> ocp.args.Composite:
+    _single_replica_saves_on_cpu()  # every save's items are made here
     items = {'model': ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))), 'meta': ocp.args.JsonSave(meta)}
     if optimizer is not None:
       items['optimizer'] = ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer)))

@@ -83,7 +83,9 @@ class Schedule:
 
   def __init__(self, config: ml_collections.ConfigDict, source: Any):
     self.frozen_epochs = int(config.train.get('freeze_encoder_epochs', 0))
-    self.steps_per_epoch = {p: pipeline.steps_per_epoch(phase_config(config, p), source) for p in (1, 2)}
+    self.configs = {p: phase_config(config, p) for p in (1, 2)}  # what each phase trains with
+    self.steps_per_epoch = {p: pipeline.steps_per_epoch(self.configs[p], source) for p in (1, 2)}
+    self._lr = {p: optim.lr_schedule(self.configs[p].train, self.steps_per_epoch[p]) for p in (1, 2)}
     self.frozen_steps = freeze_steps(config, self.steps_per_epoch[1])
     later_epochs = max(0, config.train.epochs - self.frozen_epochs) if self.frozen_steps else config.train.epochs
     self.total_steps = min(self.frozen_steps, config.train.epochs * self.steps_per_epoch[1]) + \
@@ -95,6 +97,11 @@ class Schedule:
   def phase_start(self, phase: int) -> int:
     """The global step at which `phase` starts (its schedule and data order count from there)."""
     return 0 if phase == 1 else self.frozen_steps
+
+  def learning_rate(self, step: int) -> float:
+    """The learning rate of the step taken after `step` steps (each phase restarts its schedule)."""
+    phase = self.phase(step)
+    return float(self._lr[phase](step - self.phase_start(phase)))
 
   def epoch(self, step: int) -> tuple[int, bool]:
     """(epochs completed after `step` steps, whether `step` ends an epoch)."""
@@ -302,8 +309,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   from dualunet_jax import refinement  # pylint: disable=import-outside-toplevel
   if refinement.is_two_stage(config):  # the stage-1 run's method, data, model and post-processing sections
     config = refinement.resolve_config(config)
-  for name, batch in (('batch_size', config.train.batch_size),
-                      ('phase1_batch_size', config.train.get('phase1_batch_size', 0))):
+  batches = {'batch_size': config.train.batch_size}
+  if int(config.train.get('freeze_encoder_epochs', 0)) > 0:  # phase 1 exists
+    batches['phase1_batch_size'] = phase_config(config, 1).train.batch_size
+  for name, batch in batches.items():
     if batch % mesh.size:
       raise ValueError(f'config.train.{name}={batch} is not divisible by the {mesh.size} devices of the mesh')
   num_classes, class_names, mpp = sources.dataset_info(config.dataset)
@@ -323,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   _say(f'{config.dataset.name}: {len(train_source)} training tiles, classes {list(class_names)}, '
        f'class weights {np.round(class_weights, 4).tolist()}; '
        f'{schedule.steps_per_epoch[2]} steps/epoch, {total_steps} steps' +
-       (f' (phase 1: {schedule.frozen_steps} steps of batch {phase_config(config, 1).train.batch_size})'
+       (f' (phase 1: {schedule.frozen_steps} steps of batch {schedule.configs[1].train.batch_size})'
         if schedule.frozen_steps else ''))
 
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
@@ -355,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   writer = metric_writers.MetricWriter(workdir)
 
   def phase_loader(phase, step):  # each phase's data order counts from the phase's start (its batch may differ)
-    return pipeline.train_loader(phase_config(config, phase), train_source, mesh=mesh,
+    return pipeline.train_loader(schedule.configs[phase], train_source, mesh=mesh,
                                  start_step=step - schedule.phase_start(phase))
 
   loader = phase_loader(phase, start_step)
@@ -384,12 +393,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         scalars = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
         elapsed = time.perf_counter() - window_start
         scalars['images_per_s'] = window_images / max(elapsed, 1e-9)
-        stepped = schedule.phase(step - 1)  # each phase restarts the schedule
-        scalars['learning_rate'] = float(optim.lr_schedule(phase_config(config, stepped).train,
-                                                           schedule.steps_per_epoch[stepped])(
-                                                               step - 1 - schedule.phase_start(stepped)))
+        scalars['learning_rate'] = schedule.learning_rate(step - 1)
         if frozen:
-          scalars['phase'] = stepped
+          scalars['phase'] = schedule.phase(step - 1)
         scalars['epoch'] = schedule.progress(step)
         scalars['batch_size'] = batch['image'].shape[0]  # global batch (phases may differ)
         writer.write(step, scalars, 'train')
