@@ -15,6 +15,12 @@ FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0'
 TEST_XLA_FLAGS = f'--xla_force_host_platform_device_count=4 {FAST_COMPILE_FLAGS}'
 
 
+# A persistent XLA cache the CLI children share across test runs (`.data/`, git-ignored): a child's cold start is
+# mostly compiling the eager init ops of its model.
+SHARED_CACHE = {'JAX_COMPILATION_CACHE_DIR': str(REPO / '.data' / 'jax_cache_tests'),
+                'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'}
+
+
 def child_env(**extra: str) -> dict[str, str]:
   """os.environ for a CLI child process: the checkout importable, one CPU device (as on a user's laptop), the
   tests' fast compilation, plus `extra`."""

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from child_env import FAST_COMPILE_FLAGS
+from child_env import SHARED_CACHE, child_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / 'launch' / 'colab_quickstart.ipynb'
@@ -42,14 +42,11 @@ def run_notebook(overrides: dict) -> dict:
 
 @pytest.fixture
 def notebook_env(tmp_path, monkeypatch):
-  """Child processes import the checkout and share the persistent XLA cache of tests/test_predict.py."""
+  """Child processes get the CLI children's environment (child_env.py: the checkout importable, one CPU device,
+  the persistent XLA cache of tests/test_predict.py)."""
   monkeypatch.chdir(tmp_path)
-  monkeypatch.setenv('PYTHONPATH', str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(REPO / '.data' / 'jax_cache_tests'))
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
-  monkeypatch.setenv('XLA_FLAGS', FAST_COMPILE_FLAGS)  # one CPU device, the tests' fast compilation
+  for name, value in child_env(**SHARED_CACHE).items():
+    monkeypatch.setenv(name, value)
   if str(REPO) not in sys.path:
     monkeypatch.syspath_prepend(str(REPO))
   return tmp_path

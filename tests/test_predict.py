@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from child_env import child_env
+from child_env import SHARED_CACHE, child_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -18,8 +18,7 @@ def subprocess_env() -> dict:
   """Environment for child processes: the repo importable, one CPU device, and a persistent XLA cache shared by
   the test runs (`.data/`, git-ignored): the cold start of a child is dominated by compiling the eager init
   ops of the model (~40 s on a busy 2-core box), which the cache turns into ~4 s on later runs."""
-  return child_env(JAX_COMPILATION_CACHE_DIR=str(REPO / '.data' / 'jax_cache_tests'),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+  return child_env(**SHARED_CACHE)
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
