@@ -1,10 +1,14 @@
-"""Train DualU-Net: `python -m dualunet_jax.train --config=configs/pannuke.py --workdir=W`.
+"""Train any method (`config.method`): `python -m dualunet_jax.train --config=configs/pannuke.py --workdir=W`.
 
 Resumes automatically when `W` already holds checkpoints (same step, optimizer state, data order and training
-phase: `config.train.freeze_encoder_epochs`, see trainer.py).
+phase: `config.train.freeze_encoder_epochs`, see trainer.py). Ctrl-C or SIGTERM (preemption, a job's time
+limit) saves a checkpoint at the current step first; SIGTERM then exits with status 143.
 Override any config field on the command line: `--config.train.batch_size=16`. Multi-host (SLURM, TPU pods):
 add `--distributed` on every host (see launch/).
 """
+
+import signal
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -28,7 +32,11 @@ def main(argv):
   if FLAGS.distributed:
     jax.distributed.initialize()
   logging.info('devices: %s (process %d of %d)', jax.devices(), jax.process_index(), jax.process_count())
-  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, max_steps=FLAGS.max_steps)
+  try:
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, max_steps=FLAGS.max_steps)
+  except trainer.Preempted as e:  # saved; 128 + SIGTERM tells the scheduler it was terminated, not finished
+    print(e, file=sys.stderr)
+    sys.exit(128 + signal.SIGTERM)
 
 
 def run():

@@ -16,10 +16,16 @@ Two-phase training (`config.train.freeze_encoder_epochs` > 0; HoVer-Net's offici
 `freeze_encoder_epochs` epochs train everything but the encoder (`Method.encoder_filter`), the rest train all
 parameters (`Method.trainable`). See `make_optimizer` for the optimizer across the switch and `train_step` for the
 encoder's BatchNorm in phase 1.
+
+Stopping: Ctrl-C and SIGTERM (a scheduler's preemption or time limit: SLURM, Kubernetes, spot VMs) save a
+checkpoint at the current step first, so the same command resumes with nothing lost; SIGTERM then raises
+`Preempted` (the CLI exits with status 143, as if terminated).
 """
 
 import functools
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -29,6 +35,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dualunet_jax import checkpointing, evaluation, losses, methods, metric_writers, optim
@@ -291,6 +298,42 @@ def _say(message: str) -> None:
     tqdm.write(message)
 
 
+class Preempted(RuntimeError):
+  """Training stopped on SIGTERM after saving a checkpoint; the same command resumes it."""
+
+
+class _PreemptionWatch:
+  """Whether this run has been asked to stop (SIGTERM), asked once per step.
+
+  One process: a SIGTERM handler sets a flag (the previous handler comes back on `close`). Several processes
+  must all save at the same step (an Orbax save is collective), so they ask JAX's preemption service instead,
+  which `jax.distributed.initialize()` starts and which answers every process alike at a sync point.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._multi = jax.process_count() > 1
+    self._previous = None
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __call__(self, step: int) -> bool:
+    if self._multi:
+      try:
+        self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # no preemption service (initialised without it): nothing to ask
+        pass
+    return self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
 def _is_eval_epoch(epoch: int, config: ml_collections.ConfigDict) -> bool:
   """The reference validates after epoch 1, every `eval_every_epochs`, and after the last epoch."""
   every = config.train.eval_every_epochs
@@ -379,6 +422,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
              disable=jax.process_index() != 0)
   window_start, window_images, pending = time.perf_counter(), 0, []
   step = start_step
+
+  def save_now() -> bool:  # a checkpoint at `step` unless one is there (Ctrl-C, SIGTERM); whether it saved
+    if step > start_step and ckpt.latest_step() != step:
+      model, optimizer = nnx.merge(graphdef, state)
+      if schedule.phase(step) != phase:  # stopped just before the switch: save phase 2's optimizer
+        optimizer = make_optimizer(model, config, schedule.steps_per_epoch[2])
+      ckpt.save(step, model, optimizer, {'step': step, 'epoch': schedule.epoch(step)[0], 'interrupted': True,
+                                         'since_best': since_best})
+      return True
+    return False
+
+  watch = _PreemptionWatch()
   try:
     while step < end_step:
       batch = next(loader)
@@ -389,7 +444,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       bar.update(1)
       if on_step is not None:
         on_step(step)
-      if step % config.train.log_every_steps == 0 or step == end_step:
+      preempted = watch(step) and step < end_step
+      if step % config.train.log_every_steps == 0 or step == end_step or preempted:
         scalars = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
         elapsed = time.perf_counter() - window_start
         scalars['images_per_s'] = window_images / max(elapsed, 1e-9)
@@ -436,16 +492,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         model, optimizer = nnx.merge(graphdef, state)
         ckpt.save(step, model, optimizer, {'step': step, 'epoch': epoch, 'since_best': since_best,
                                            'early_stopped': stopped})
+      if preempted:
+        save_now()
+        raise Preempted(f'{workdir}: stopped on SIGTERM at step {step} of {end_step}, checkpoint saved; '
+                        'run the same command to resume')
   except KeyboardInterrupt:
     # Keep the work done so far: a resume continues from exactly this step.
-    if step > start_step and ckpt.latest_step() != step:
-      model, optimizer = nnx.merge(graphdef, state)
-      if schedule.phase(step) != phase:  # interrupted just before the switch: save phase 2's optimizer
-        optimizer = make_optimizer(model, config, schedule.steps_per_epoch[2])
-      ckpt.save(step, model, optimizer, {'step': step, 'epoch': schedule.epoch(step)[0], 'interrupted': True})
+    if save_now():
       _say(f'interrupted: checkpoint saved at step {step}; run the same command to resume')
     raise
   finally:
+    watch.close()
     loader.close()  # closes grain's iterator now, not at garbage collection: frees its shared-memory batches
     bar.close()
     ckpt.wait()

@@ -3,7 +3,9 @@
 import copy
 import functools
 import json
+import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -103,11 +105,16 @@ def test_training_writes_everything_and_loss_decreases(trained):
 
 def test_resume_equals_uninterrupted(trained, tmp_path, data_dir):
   reference_dir, _, _ = trained
-  # Interrupted after step 3 (mid-epoch), then the same command again: it must continue with the same data
-  # order, optimizer state and learning-rate schedule, ending with the same parameters.
+  # Preempted (SIGTERM) after step 3, mid-epoch and between periodic checkpoints, then the same command
+  # again: it must continue with the same data order, optimizer state and learning-rate schedule, ending
+  # with the same parameters.
   workdir = tmp_path / 'resumed'
-  trainer.train_and_evaluate(tiny_config(data_dir), workdir, max_steps=3)
-  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir())[-1] == 3
+  previous = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(trainer.Preempted, match='step 3 of 6'):
+    trainer.train_and_evaluate(tiny_config(data_dir), workdir,
+                               on_step=lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM))
+  assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the caller's again
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == [2, 3]
   trainer.train_and_evaluate(tiny_config(data_dir), workdir)
   assert _max_abs_diff(_params(workdir), _params(reference_dir)) < 1e-6
   resumed = [r for r in metric_writers.read_metrics(workdir) if r['split'] == 'train']
