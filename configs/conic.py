@@ -8,6 +8,8 @@ six classes, 0.5 µm/px).
         --config.dataset.manual_dir=/data/conic --config.model.encoder=seresnext101_32x4d
     python -m dualunet_jax.predict --checkpoint=workdirs/conic_seresnext50 --checkpoint=workdirs/conic_seresnext101 \
         --tta --tta_views=4 --input=... --output=...    # the paper's dual-level ensemble: flips + two encoders
+    python -m dualunet_jax.train --config=configs/conic.py:consep --workdir=W \
+        --config.dataset.manual_dir=.data/CoNSeP        # the framework on CoNSeP (four merged classes)
 
 Paper settings kept here: loss weights NP CE 2 + Dice 2, NC CE 3 + Dice 1, HV MSE 2 + MSGE 2; Adam 3e-4,
 batch 16, 50 epochs, x0.1 every 10 epochs after epoch 30; flips, rot90, transpose (= flips + rot90), colour
@@ -18,10 +20,15 @@ dataset (`--config.dataset.val_split=...`); without it training runs the 50 epoc
 Neither two-phase training nor type-aware sampling: the paper mentions neither.
 """
 
-from configs import default
+from configs import consep, default
 
 
-def get_config():
+def get_config(data: str = 'conic'):
+  """data: 'conic' (the challenge's patches) or 'consep' (`--config=configs/conic.py:consep`: CoNSeP's four
+  merged classes, 256² crops of its 1000² tiles, validation on Test, as configs/consep.py)."""
+  data = data or 'conic'
+  if data not in ('conic', 'consep'):
+    raise ValueError(f'configs/conic.py: data must be conic or consep, got {data!r}')
   config = default.get_config()
   config.method = 'conic'
   config.dataset.name = 'conic'
@@ -32,6 +39,8 @@ def get_config():
   config.dataset.val_split = ''  # the release has one split (see the docstring)
   config.dataset.test_split = 'train'
   config.dataset.crop_size = 0  # whole 256² patches
+  if data == 'consep':
+    config.dataset = consep.get_config().dataset
 
   config.model.encoder = 'seresnext50_32x4d'
   config.model.dropout_rate = 0.1  # models/conic_net.py: the paper gives no rate

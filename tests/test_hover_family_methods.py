@@ -24,6 +24,17 @@ def test_full_size_models_from_their_configs():
   assert 80e6 < method.parameter_counts(model)['total'] < 85e6  # paper: HistoNeXt-Tiny 82.6 M
 
 
+def test_conic_framework_on_consep_keeps_the_paper_recipe_with_consep_data():
+  import pytest
+  from configs import consep
+  on_consep, on_conic = conic.get_config('consep'), conic.get_config()
+  assert on_consep.dataset.to_dict() == consep.get_config().dataset.to_dict()
+  for section in ('method', 'model', 'loss', 'augment', 'train', 'targets', 'postprocess'):
+    assert on_consep[section] == on_conic[section], section  # only the data differ
+  with pytest.raises(ValueError, match='conic or consep'):
+    conic.get_config('pannuke')
+
+
 def test_conic_tiny_loss_maps_and_targets(fixtures_dir):
   from dualunet_jax import models
   from dualunet_jax.data import consep
