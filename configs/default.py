@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- augmentation (paper, Appendix D)
   config.augment = ml_collections.ConfigDict()
+  # Geometric / image set beyond the dihedral views: 'dualunet' (none: the paper's) | 'histonext' | 'conic'
+  # (augment_ops.AUGMENT_PRESETS; fields set in config.augment override the preset's values).
+  config.augment.preset = 'dualunet'
   config.augment.flips = True
   config.augment.rot90 = True
   # Colour (stain) augmentation: a preset, 'paper' (HED scale U(0.98, 1.02), shift U(-0.02, 0.02)) | 'strong'

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Every method at the README's run-A budget on real CoNSeP, one after the other, then their Test scores.
+#
+#   bash benchmarks/run_a_budget.sh [NAME ...]      # all runs, or the named ones (e.g. hovernet_fast_w25)
+#
+# Run A's recipe for every method: random init, one training phase, width 1/4 (dense convolutions:
+# cardinality 1), global batch 8 of random crops (256², 270² for the 270-in models), 1000 steps
+# (20 epochs x 50), Adam 2e-3 with coupled L2 1e-4, x0.1 at epochs 14 and 18, run A's augmentation (dihedral
+# views and the 'paper' HED jitter, no colour jitter, no blur), validation on CoNSeP Test after epoch 1 and at
+# the end (best F1d). What stays each method's own: architecture, targets, losses, post-processing (and
+# HistoNeXt's type-aware sampling, CoNIC's dropout). A checkpoint every epoch; the script can be stopped at
+# any point (SIGTERM saves the current step) and run again: finished runs are skipped, the others resume.
+# Each run: train, `eval --split=test`, `eval --robustness=paper`; then the CoNIC two-encoder ensemble.
+# Needs `.data/CoNSeP` (python ../shared/data/consep/assemble_consep.py --out .data/CoNSeP). Logs: W/*.log.
+# CPU time on a 2-core EPYC (train step alone, batch 8): DualU-Net 1.8 s (run A: 0.9 h), U-Net++ base 8 2.6 s,
+# HistoNeXt-Tiny 20 s (5.5 h), HoVer-Net fast 30 s (8.4 h).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+DATA=--config.dataset.manual_dir=.data/CoNSeP
+RECIPE=(--config.model.width_multiplier=0.25 --config.model.cardinality=1
+  --config.train.freeze_encoder_epochs=0 --config.train.phase1_batch_size=0
+  --config.train.batch_size=8 --config.train.base_batch_size=8 --config.train.learning_rate=2e-3
+  --config.train.weight_decay=1e-4 --config.train.epochs=20 --config.train.steps_per_epoch=50
+  --config.train.lr_milestones='(14,18)' --config.train.lr_gamma=0.1 --config.train.eval_every_epochs=0
+  --config.train.best_metric=f1_d --config.train.best_mode=max --config.train.early_stopping_patience=0
+  --config.train.checkpoint_every_epochs=1
+  --config.augment.preset=dualunet --config.augment.stain_preset=paper --config.augment.rot90=True
+  --config.augment.color_jitter=0.0 --config.augment.blur_sigma=0.0 --config.augment.elastic_alpha=0.0
+  --config.postprocess.workers=1)
+
+# name | config | extra flags
+RUNS=(
+  "hovernet_fast_w25|configs/hovernet_consep.py:fast|"
+  "histonext_tiny_w25|configs/histonext_consep.py|"
+  "conic_seresnext50_w25|configs/conic.py:consep|"
+  "conic_seresnext101_w25|configs/conic.py:consep|--config.model.encoder=seresnext101_32x4d"
+)
+
+wanted() {  # wanted NAME [SELECTED ...]: no selection means every run
+  local name=$1; shift
+  [ $# -eq 0 ] && return 0
+  for selected; do [ "$selected" = "$name" ] && return 0; done
+  return 1
+}
+
+for entry in "${RUNS[@]}"; do
+  IFS='|' read -r name config extra <<< "$entry"
+  wanted "$name" "$@" || continue
+  W=workdirs/$name
+  mkdir -p "$W"
+  if [ ! -d "$W/checkpoints/1000" ]; then
+    echo "== $name: training (resumes if $W holds checkpoints)"
+    # shellcheck disable=SC2086
+    "$PY" -m dualunet_jax.train --config="$config" --workdir="$W" $DATA "${RECIPE[@]}" $extra \
+      >> "$W/train.log" 2>&1 || { echo "   stopped (status $?): see $W/train.log; run again to resume"; exit 1; }
+  fi
+  if [ ! -f "$W/eval/test.json" ]; then
+    echo "== $name: eval on CoNSeP Test"
+    "$PY" -m dualunet_jax.eval --config="$config" --workdir="$W" --split=test $DATA \
+      --config.postprocess.workers=1 > "$W/eval.log" 2>&1 || { echo "   eval failed: see $W/eval.log"; exit 1; }
+  fi
+  if [ ! -f "$W/eval/test_robustness.json" ]; then
+    echo "== $name: the paper's robustness protocol (5 perturbed copies of Test)"
+    "$PY" -m dualunet_jax.eval --config="$config" --workdir="$W" --split=test --robustness=paper $DATA \
+      --config.postprocess.workers=1 > "$W/robustness.log" 2>&1 || { echo "   failed: see $W/robustness.log"; exit 1; }
+  fi
+  echo "== $name: done ($W/eval/test.json, test_robustness.json)"
+done
+
+# The CoNIC framework's inter-model level: both encoders' maps averaged, post-processed once.
+E=workdirs/conic_seresnext50_w25
+if wanted conic_ensemble "$@" && [ -d $E/checkpoints/1000 ] && [ -d workdirs/conic_seresnext101_w25/checkpoints/1000 ] \
+   && [ ! -f $E/eval/test_ensemble.json ]; then
+  echo "== conic_ensemble: SE-ResNeXt-50 + SE-ResNeXt-101 on CoNSeP Test"
+  "$PY" -m dualunet_jax.eval --config=configs/conic.py:consep --workdir=$E --ensemble=workdirs/conic_seresnext101_w25 \
+    --split=test $DATA --config.postprocess.workers=1 > $E/ensemble.log 2>&1 || { echo "   failed: see $E/ensemble.log"; exit 1; }
+fi
