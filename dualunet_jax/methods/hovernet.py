@@ -35,6 +35,7 @@ from dualunet_jax import losses
 from dualunet_jax import postprocess_hv
 from dualunet_jax.config_fields import config_field
 from dualunet_jax.methods import base
+from dualunet_jax.models import grouped_conv
 
 LOSS_WEIGHTS = ('hv_np_ce', 'hv_np_dice', 'hv_mse', 'hv_msge', 'hv_tp_ce', 'hv_tp_dice')
 # config.postprocess field -> postprocess_hv keyword
@@ -86,8 +87,8 @@ def hv_gradients(hv: jax.Array, *, pytorch_kernels: bool = False) -> jax.Array:
   kx, ky = sobel_kernels_5x5()
   k0, k1 = (ky, kx) if pytorch_kernels else (kx, ky)
   kernel = jnp.asarray(np.stack([k0, k1], axis=-1)[:, :, None, :])  # HWIO [5, 5, 1, 2]
-  return jax.lax.conv_general_dilated(hv.astype(jnp.float32), kernel, (1, 1), ((2, 2), (2, 2)),
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=2)
+  return grouped_conv.conv_general_dilated(hv.astype(jnp.float32), kernel, (1, 1), ((2, 2), (2, 2)),
+                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=2)
 
 
 def msge_loss(pred: jax.Array, target: jax.Array, focus: jax.Array, *, pytorch_kernels: bool = False

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dualunet_jax.models import grouped_conv
+
 # name -> (depths, dims), timm convnext_{tiny,small,base,large}.
 CONVNEXT_SPECS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     'tiny': ((3, 3, 9, 3), (96, 192, 384, 768)),
@@ -46,8 +48,8 @@ class ConvNeXtBlock(nnx.Module):
   """dwconv 7x7 -> LN -> Dense 4d -> GELU(erf) -> Dense d -> * gamma -> + input."""
 
   def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
-    self.conv_dw = nnx.Conv(dim, dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=dim,
-                            kernel_init=_INIT, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.conv_dw = grouped_conv.Conv(dim, dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=dim,
+                                     kernel_init=_INIT, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.norm = _layer_norm(dim, dtype, rngs)
     self.fc1 = nnx.Linear(dim, 4 * dim, kernel_init=_INIT, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.fc2 = nnx.Linear(4 * dim, dim, kernel_init=_INIT, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dualunet_jax.models import resnext
+from dualunet_jax.models import grouped_conv, resnext
 
 CHANNEL_DIVISOR = 4  # the dense blocks' 4-group convolutions need multiples of 4
 STEM = 64
@@ -71,9 +71,9 @@ def tf_same_pad(x: jax.Array, kernel: int, stride: int = 1) -> jax.Array:
 def conv(cin: int, cout: int, kernel: int, *, stride: int = 1, groups: int = 1, dtype, rngs: nnx.Rngs,
          use_bias: bool = False) -> nnx.Conv:
   """A valid (unpadded) convolution with the official kaiming-normal fan-out initialisation."""
-  return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding='VALID',
-                  feature_group_count=groups, use_bias=use_bias, kernel_init=resnext.CONV_INIT,
-                  bias_init=jax.nn.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+  return grouped_conv.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding='VALID',
+                           feature_group_count=groups, use_bias=use_bias, kernel_init=resnext.CONV_INIT,
+                           bias_init=jax.nn.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 def batch_norm(features: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dualunet_jax.models import grouped_conv
+
 # torchvision ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu'); BN weight 1, bias 0.
 CONV_INIT = jax.nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')  # untruncated in jax
 CARDINALITY = 32
@@ -55,9 +57,9 @@ def batch_norm(features: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
 
 def conv(cin: int, cout: int, kernel: int, stride: int, padding: int, dtype, rngs: nnx.Rngs,
           groups: int = 1) -> nnx.Conv:
-  return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride),
-                  padding=((padding, padding), (padding, padding)), feature_group_count=groups,
-                  use_bias=False, kernel_init=CONV_INIT, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+  return grouped_conv.Conv(cin, cout, (kernel, kernel), strides=(stride, stride),
+                           padding=((padding, padding), (padding, padding)), feature_group_count=groups,
+                           use_bias=False, kernel_init=CONV_INIT, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 def se_channels(channels: int, reduction: int, divisor: int = 8) -> int:
