@@ -501,6 +501,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if save_now():
       _say(f'interrupted: checkpoint saved at step {step}; run the same command to resume')
     raise
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    if not watch.requested or isinstance(e, Preempted):
+      raise
+    # The SIGTERM reached the data workers too (a scheduler signals the whole job) and the loader failed
+    # before this step's check: the state of `step` is complete, keep it.
+    save_now()
+    raise Preempted(f'{workdir}: stopped on SIGTERM at step {step} of {end_step} ({type(e).__name__} from '
+                    'the stopping job), checkpoint saved; run the same command to resume') from e
   finally:
     watch.close()
     loader.close()  # closes grain's iterator now, not at garbage collection: frees its shared-memory batches

@@ -123,6 +123,37 @@ def test_resume_equals_uninterrupted(trained, tmp_path, data_dir):
   np.testing.assert_allclose([r['total'] for r in resumed], [r['total'] for r in reference], rtol=1e-5)
 
 
+def test_sigterm_that_kills_the_data_workers_first_still_saves(tmp_path, data_dir, monkeypatch):
+  # A scheduler signals the whole job: the loader's workers may die (and `next` fail) before the step's
+  # check sees the signal. The finished step is kept all the same; without a signal, the failure is an error.
+  real_loader = pipeline.train_loader
+
+  class DyingLoader:
+    def __init__(self, *args, signal_first=True, **kwargs):
+      self.inner, self.calls, self.signal_first = real_loader(*args, **kwargs), 0, signal_first
+
+    def __next__(self):
+      self.calls += 1
+      if self.calls == 4:  # after step 3, between the periodic checkpoints of steps 2 and 4
+        if self.signal_first:
+          os.kill(os.getpid(), signal.SIGTERM)
+        raise RuntimeError('Worker process was terminated unexpectedly')
+      return next(self.inner)
+
+    def close(self):
+      self.inner.close()
+
+  monkeypatch.setattr(pipeline, 'train_loader', DyingLoader)
+  with pytest.raises(trainer.Preempted, match=r'step 3 of 6 \(RuntimeError'):
+    trainer.train_and_evaluate(tiny_config(data_dir), tmp_path / 'w')
+  assert sorted(int(p.name) for p in (tmp_path / 'w' / 'checkpoints').iterdir()) == [2, 3]
+  monkeypatch.setattr(pipeline, 'train_loader', functools.partial(DyingLoader, signal_first=False))
+  with pytest.raises(RuntimeError, match='Worker process') as failure:
+    trainer.train_and_evaluate(tiny_config(data_dir), tmp_path / 'w2')
+  assert not isinstance(failure.value, trainer.Preempted)
+  assert sorted(int(p.name) for p in (tmp_path / 'w2' / 'checkpoints').iterdir()) == [2]
+
+
 def test_one_device_step_equals_four_device_step(data_dir):
   """The jitted step on a 4-device mesh (batch sharded, state replicated) computes what 1 device computes:
   same loss, same BatchNorm statistics (taken over the global batch, not per device)."""
