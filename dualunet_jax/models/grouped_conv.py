@@ -14,12 +14,14 @@ how it computes; the parameters (shapes, layout) are the same, and so are checkp
   - any other grouping: one dense convolution per group, concatenated.
 Elsewhere, and for ungrouped convolutions, it is `lax.conv_general_dilated` itself. `implementation('xla')`
 forces the plain path (tests check that both give the same outputs and gradients), `implementation('split')`
-the CPU path on any backend. The choice is made when a function is traced.
+the CPU path on any backend; the environment variable DUALUNET_GROUPED_CONV (auto | xla | split) sets the
+process default. The choice is made when a function is traced.
 """
 
 import contextlib
 from collections.abc import Iterator, Sequence
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +30,9 @@ from flax import nnx
 from jax import lax
 
 IMPLEMENTATIONS = ('auto', 'xla', 'split')
-_implementation = 'auto'
+_implementation = os.environ.get('DUALUNET_GROUPED_CONV', 'auto')  # the process default (e.g. to compare)
+if _implementation not in IMPLEMENTATIONS:
+  raise ValueError(f'DUALUNET_GROUPED_CONV={_implementation!r}: expected one of {IMPLEMENTATIONS}')
 
 
 @contextlib.contextmanager
