@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.encoder = 'resnext50_32x4d'  # resnext50_32x4d | convnext_{tiny,small,base,large}
   config.model.width_multiplier = 1.0  # <1 gives tiny models for tests and the CPU demo
-  config.model.cardinality = 32  # ResNeXt 3x3 groups (1 = dense: faster for tiny models on CPU, see resnext.py)
+  config.model.cardinality = 32  # ResNeXt 3x3 groups (1 = dense 3x3s; see resnext.py)
   config.model.encoder_blocks = ()  # blocks per encoder stage; () = the encoder's own (ResNeXt-50: 3, 4, 6, 3)
   config.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)
   config.model.encoder_init = ''  # ImageNet weights (.pth / .safetensors) for the encoder, see convert.py
