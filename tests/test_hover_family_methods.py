@@ -127,3 +127,20 @@ def test_phase1_freezes_what_each_paper_freezes():
   for config in (conic_config, histonext_config):
     phase1, everything = _trained_encoder_paths(config)
     assert phase1 == set() and everything
+
+
+def test_random_fill_keeps_dropout_streams_valid():
+  # Benchmarks and plumbing tests fill abstract models with stand-in values: the CoNIC decoder's dropout
+  # must still draw (valid keys, counters from zero) in training mode, and differently per call.
+  from dualunet_jax import models
+  config = conic.get_config('consep')
+  config.model.width_multiplier = 0.125
+  config.model.cardinality = 1
+  model = models.fill_random(methods.get(config).abstract_model(config, 4))
+  model.train()
+  image = jnp.full((1, 64, 64, 3), 128, jnp.uint8)
+  first, second = model(image), model(image)
+  assert first['np'].shape == (1, 64, 64, 2)
+  assert not np.allclose(first['np'], second['np'])  # the dropout masks differ between calls
+  model.eval()
+  np.testing.assert_array_equal(model(image)['np'], model(image)['np'])

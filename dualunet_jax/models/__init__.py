@@ -60,7 +60,8 @@ def parameter_counts(model: DualUNet) -> dict[str, int]:
 
 def random_state(state: nnx.State, seed: int = 0) -> nnx.State:
   """Fills `state` (abstract or concrete) in place with host-generated stand-in values and returns it:
-  He-normal kernels, unit norm scales and BatchNorm variances, layer scale 0.5, zero biases and means.
+  He-normal kernels, unit norm scales and BatchNorm variances, layer scale 0.5, zero biases and means; random
+  streams (dropout) get valid keys and zero counters.
 
   For benchmarks and plumbing tests, whose results do not depend on the values: the real initialisation
   compiles one XLA program per parameter shape, tens of seconds for a tiny model on a small CPU.
@@ -69,6 +70,11 @@ def random_state(state: nnx.State, seed: int = 0) -> nnx.State:
 
   def value(path, leaf):
     name = str(getattr(path[-1], 'key', path[-1]))
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # a dropout stream's key: a valid key
+      keys = jax.random.split(jax.random.key(seed), math.prod(leaf.shape))
+      return keys.reshape(leaf.shape)
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):  # e.g. the stream's counter
+      return jnp.zeros(leaf.shape, leaf.dtype)
     if name == 'kernel':
       std = math.sqrt(2.0 / max(1, math.prod(leaf.shape[:-1])))
       return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * np.float32(std))
