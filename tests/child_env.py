@@ -15,6 +15,11 @@ FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0'
 TEST_XLA_FLAGS = f'--xla_force_host_platform_device_count=4 {FAST_COMPILE_FLAGS}'
 
 
+# Grouped convolutions through XLA's grouped kernels: the CPU path of models/grouped_conv.py splits them into many
+# small convolutions, which take longer to compile than tiny test models take to run. tests/test_grouped_conv.py
+# checks that path (outputs and gradients against lax, whole models) with explicit `implementation(...)` blocks.
+GROUPED_CONV = {'DUALUNET_GROUPED_CONV': 'xla'}
+
 # A persistent XLA cache the CLI children share across test runs (`.data/`, git-ignored): a child's cold start is
 # mostly compiling the eager init ops of its model.
 SHARED_CACHE = {'JAX_COMPILATION_CACHE_DIR': str(REPO / '.data' / 'jax_cache_tests'),
@@ -25,4 +30,4 @@ def child_env(**extra: str) -> dict[str, str]:
   """os.environ for a CLI child process: the checkout importable, one CPU device (as on a user's laptop), the
   tests' fast compilation, plus `extra`."""
   return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''),
-              JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE_FLAGS, **extra)
+              JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE_FLAGS, **{**GROUPED_CONV, **extra})

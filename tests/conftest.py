@@ -3,13 +3,15 @@
 import os
 import pathlib
 
-from child_env import TEST_XLA_FLAGS  # tests/ is on sys.path (pytest's rootdir-relative import)
+from child_env import GROUPED_CONV, TEST_XLA_FLAGS  # tests/ is on sys.path (pytest's rootdir-relative import)
 
 # Must happen before jax is imported anywhere: every test process sees 4 CPU devices, so sharded code paths
 # are exercised on a CPU-only machine (single-device code simply uses the default, first, device), and
 # compiles at LLVM optimisation level 0 (child_env.py says why).
 os.environ.setdefault('XLA_FLAGS', TEST_XLA_FLAGS)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+for _name, _value in GROUPED_CONV.items():  # XLA's grouped kernels in tests (child_env.py says why)
+  os.environ.setdefault(_name, _value)
 # Tests compile the same tiny models many times (one jit per run); a persistent cache shared by the test
 # workers turns repeats into cache hits.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(pathlib.Path(__file__).resolve().parents[1] / '.data' /

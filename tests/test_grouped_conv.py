@@ -1,8 +1,6 @@
 """The CPU path of grouped / depthwise convolutions gives lax's outputs and gradients, for every grouped
 convolution the models use (shapes, strides, paddings, layouts) and for whole models at their input sizes."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,7 +66,8 @@ def test_the_cpu_path_is_taken_on_cpu_and_lax_elsewhere():
   groups_in = lambda jaxpr: [e.params['feature_group_count'] for e in jaxpr.eqns
                              if e.primitive.name == 'conv_general_dilated']
   assert jax.default_backend() == 'cpu'
-  assert groups_in(conv()) == []  # auto on CPU: depthwise as shifted products, no convolution
+  with grouped_conv.implementation('auto'):  # the tests' process default is 'xla' (tests/child_env.py)
+    assert groups_in(conv()) == []  # auto on CPU: depthwise as shifted products, no convolution
   with grouped_conv.implementation('xla'):
     assert groups_in(conv()) == [4]
   with pytest.raises(ValueError, match='expected one of'):
@@ -81,15 +80,9 @@ def _forward(model, x):
   return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
 
 
-COVERED_BY_CONVERSION_TESTS = ['dualunet_resnext', 'dualunet_convnext', 'hovernet_fast']
-
-
-@pytest.mark.parametrize('which', ['histonext', 'conic'] + (
-    COVERED_BY_CONVERSION_TESTS if os.environ.get('DUALUNET_SLOW_TESTS') == '1' else []))
+@pytest.mark.parametrize('which', ['dualunet_resnext', 'dualunet_convnext', 'hovernet_fast', 'histonext', 'conic'])
 def test_models_give_the_same_maps_with_either_path(which):
-  """Whole models at their real input sizes (tiny widths): every grouped convolution inside, composed. DualU-Net
-  (ResNeXt with groups, ConvNeXt) and HoVer-Net are checked through the CPU path against PyTorch already
-  (tests/test_convert.py, tests/test_convert_hovernet.py); their rows here run with DUALUNET_SLOW_TESTS=1."""
+  """Whole models at their real input sizes (tiny widths): every grouped convolution inside, composed."""
   from configs import conic, consep, histonext_consep, hovernet_consep
   from dualunet_jax import methods, models
   if which.startswith('dualunet'):
