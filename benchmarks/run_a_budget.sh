@@ -12,8 +12,11 @@
 # any point (SIGTERM saves the current step) and run again: finished runs are skipped, the others resume.
 # Each run: train, `eval --split=test`, `eval --robustness=paper`; then the CoNIC two-encoder ensemble.
 # Needs `.data/CoNSeP` (python ../shared/data/consep/assemble_consep.py --out .data/CoNSeP). Logs: W/*.log.
-# CPU time on a 2-core EPYC (train step alone, batch 8): DualU-Net 1.8 s (run A: 0.9 h), U-Net++ base 8 2.6 s,
-# HistoNeXt-Tiny 20 s (5.5 h), HoVer-Net fast 30 s (8.4 h).
+# Run A itself (workdirs/consep_w25, trained by the README's command) gets the same robustness protocol, and the
+# end prints the side-by-side table (`python -m dualunet_jax.compare`).
+# CPU time on a 2-core EPYC (train step alone, batch 8, benchmarks/train_step_throughput.py): DualU-Net 3.2 s
+# (run A: 0.9 h), HistoNeXt-Tiny 6.4 s (1.8 h), HoVer-Net fast 14.9 s (4.1 h), CoNIC SE-ResNeXt-50 31.1 s (8.6 h;
+# 32.2 s with its 32 groups, so run A's dense 3x3s cost nothing extra here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -43,6 +46,18 @@ wanted() {  # wanted NAME [SELECTED ...]: no selection means every run
   for selected; do [ "$selected" = "$name" ] && return 0; done
   return 1
 }
+
+# Run A under the paper's robustness protocol, for the F1d-variance comparison (DualU-Net paper: 49 % lower).
+A=workdirs/consep_w25
+if wanted consep_w25 "$@" && [ ! -f $A/eval/test_robustness.json ]; then
+  if [ -d $A/checkpoints/1000 ]; then
+    echo "== consep_w25 (run A): the paper's robustness protocol"
+    "$PY" -m dualunet_jax.eval --config=configs/consep.py --workdir=$A --split=test --robustness=paper $DATA \
+      --config.postprocess.workers=1 > $A/robustness.log 2>&1 || { echo "   failed: see $A/robustness.log"; exit 1; }
+  else
+    echo "== consep_w25 (run A) is not trained: README section 'CoNSeP (real data)' has its command"
+  fi
+fi
 
 for entry in "${RUNS[@]}"; do
   IFS='|' read -r name config extra <<< "$entry"
@@ -76,3 +91,12 @@ if wanted conic_ensemble "$@" && [ -d $E/checkpoints/1000 ] && [ -d workdirs/con
   "$PY" -m dualunet_jax.eval --config=configs/conic.py:consep --workdir=$E --ensemble=workdirs/conic_seresnext101_w25 \
     --split=test $DATA --config.postprocess.workers=1 > $E/ensemble.log 2>&1 || { echo "   failed: see $E/ensemble.log"; exit 1; }
 fi
+
+# The table: every finished run beside run A (rows for runs not evaluated yet are left out).
+ROWS=()
+for W in workdirs/consep_w25 workdirs/hovernet_fast_w25 workdirs/histonext_tiny_w25 workdirs/conic_seresnext50_w25 \
+         workdirs/conic_seresnext101_w25; do
+  [ -f $W/eval/test.json ] && ROWS+=("$W")
+done
+[ -f $E/eval/test_ensemble.json ] && ROWS+=("conic_ensemble=$E/eval/test_ensemble.json")
+[ ${#ROWS[@]} -gt 0 ] && "$PY" -m dualunet_jax.compare "${ROWS[@]}" --markdown

@@ -13,7 +13,7 @@ from PIL import Image
 
 import dualunet_jax
 from configs import hovernet_consep
-from dualunet_jax import checkpointing, inference, methods, models, oracle, trainer
+from dualunet_jax import checkpointing, compare, inference, methods, models, oracle, trainer
 from dualunet_jax.data import consep, synthetic
 from dualunet_jax.methods import base
 from child_env import child_env
@@ -77,6 +77,9 @@ def test_eval_cli_on_a_hovernet_workdir(trained):
   written = json.loads((workdir / 'eval' / 'test.json').read_text())
   assert written['config']['method'] == 'hovernet' and written['n_images'] == 2
   assert {'f1_d', 'dice', 'bpq', 'aji'} <= set(written)
+  header, rows = compare.table([compare.load_run(str(workdir))])  # the side-by-side table reads it as written
+  assert rows[0][header.index('F1d')] == f"{written['f1_d']:.3f}" and rows[0][header.index('method')] == 'hovernet'
+  assert rows[0][header.index('F1c spindle')] == f"{written['f1_c_spindle']:.3f}"
 
 
 def test_engine_and_segmenter_feed_context_to_valid_convolutions(trained, tmp_path):
