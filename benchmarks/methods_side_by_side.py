@@ -14,6 +14,11 @@ ratio against DualU-Net ResNeXt-50 measured in the same run:
   e2e    `inference.predict` seconds on the 14 CoNSeP Test tiles (1000², native µm/px = the model's), tiles
          of --tile_size, post-processing pool of all host cores (random weights: the model's speed does not
          depend on its values, and its outputs are replaced by nothing: real maps of random weights).
+--trained=ROW=W,... replaces a row's random full-size model with the trained one in workdir W (its last
+checkpoint and its own config, e.g. the run-A-budget models of benchmarks/run_a_budget.sh): then e2e measures real
+maps through each method's real post-processing, which random weights cannot give:
+    .venv/bin/python benchmarks/methods_side_by_side.py --steps=size,e2e --rows=dualunet_resnext,hovernet_fast \
+        --trained=dualunet_resnext=workdirs/consep_w25,hovernet_fast=workdirs/hovernet_fast_w25 --batch=2
 The paper's figures (PyTorch, two different code bases): x2.5 (CoNSeP test inference, 66.3 s vs 168.35 s)
 and x5.1 (PanNuke fold, 108.1 s vs 551.45 s) for DualU-Net ResNeXt against HoVer-Net.
 Figures only, never asserted.
@@ -52,6 +57,8 @@ _BATCH = flags.DEFINE_integer('batch', 4, 'Tiles per forward.')
 _RUNS = flags.DEFINE_integer('runs', 3, 'Timed runs (median reported).')
 _TILE = flags.DEFINE_integer('tile_size', 512, 'End-to-end tile side (model-resolution output pixels).')
 _WIDTH = flags.DEFINE_float('width_multiplier', 1.0, 'Channel width multiplier (1 = the published models).')
+_TRAINED = flags.DEFINE_list('trained', [], 'ROW=WORKDIR pairs: that row uses the trained model of WORKDIR (last '
+                             'checkpoint, its config) instead of random full-size weights.')
 
 NUM_CLASSES = 4  # CoNSeP's four merged classes
 # label -> (method, config.model overrides)
@@ -158,9 +165,18 @@ def main(argv: Sequence[str]) -> None:
   steps = set(_STEPS.value)
   crops = consep_crops() if 'post' in steps else []
   results: dict[str, dict[str, float]] = {}
+  trained = dict(pair.split('=', 1) for pair in _TRAINED.value)
+  unknown = set(trained) - set(_ROWS.value)
+  if unknown:
+    raise app.UsageError(f'--trained names rows not in --rows: {sorted(unknown)}')
   for label in _ROWS.value:
-    config = row_config(label)
-    model = random_model(config)
+    if label in trained:
+      from dualunet_jax import checkpointing
+      model, config = checkpointing.restore_for_inference(trained[label], 'last')
+      label = f'{label} ({pathlib.Path(trained[label]).name})'
+    else:
+      config = row_config(label)
+      model = random_model(config)
     row: dict[str, float] = {}
     if 'size' in steps:
       row.update(measure_size(config, model))
@@ -172,7 +188,7 @@ def main(argv: Sequence[str]) -> None:
       row.update(measure_e2e(config, model))
     results[label] = row
     print(label, {k: round(v, 3) for k, v in row.items()}, flush=True)
-  base = results.get('dualunet_resnext', {})
+  base = next((row for label, row in results.items() if label.startswith('dualunet_resnext')), {})
   keys = sorted({k for row in results.values() for k in row})
   print()
   print('| row | ' + ' | '.join(keys) + ' |')
