@@ -10,7 +10,9 @@
 # the end (best F1d). What stays each method's own: architecture, targets, losses, post-processing (and
 # HistoNeXt's type-aware sampling, CoNIC's dropout). A checkpoint every epoch; the script can be stopped at
 # any point (SIGTERM saves the current step) and run again: finished runs are skipped, the others resume.
-# Each run: train, `eval --split=test`, `eval --robustness=paper`; then the CoNIC two-encoder ensemble.
+# Each run: train, `eval --split=test`, `eval --robustness=paper`. Ensembles (maps averaged, post-processed once):
+# the CoNIC framework's two encoders (SE-ResNeXt-50 + 101, the paper's pair), and before it, as soon as CoNIC-50
+# exists, CoNIC-50 + HoVer-Net fast (two encoders, two compatible HoVer-family methods; no extra training).
 # Needs `.data/CoNSeP` (python ../shared/data/consep/assemble_consep.py --out .data/CoNSeP). Logs: W/*.log.
 # Run A itself (workdirs/consep_w25, trained by the README's command) gets the same robustness protocol, and the
 # end prints the side-by-side table (`python -m dualunet_jax.compare`).
@@ -32,19 +34,44 @@ RECIPE=(--config.model.width_multiplier=0.25 --config.model.cardinality=1
   --config.augment.color_jitter=0.0 --config.augment.blur_sigma=0.0 --config.augment.elastic_alpha=0.0
   --config.postprocess.workers=1)
 
-# name | config | extra flags
-RUNS=(
-  "hovernet_fast_w25|configs/hovernet_consep.py:fast|"
-  "histonext_tiny_w25|configs/histonext_consep.py|"
-  "conic_seresnext50_w25|configs/conic.py:consep|"
-  "conic_seresnext101_w25|configs/conic.py:consep|--config.model.encoder=seresnext101_32x4d"
-)
-
-wanted() {  # wanted NAME [SELECTED ...]: no selection means every run
+wanted() {  # wanted NAME [SELECTED ...]: no selection means every step
   local name=$1; shift
   [ $# -eq 0 ] && return 0
   for selected; do [ "$selected" = "$name" ] && return 0; done
   return 1
+}
+
+run_one() {  # run_one NAME CONFIG [EXTRA FLAGS...]: train (or resume), then the two evaluations
+  local name=$1 config=$2; shift 2
+  local W=workdirs/$name
+  mkdir -p "$W"
+  if [ ! -d "$W/checkpoints/1000" ]; then
+    echo "== $name: training (resumes if $W holds checkpoints)"
+    "$PY" -m dualunet_jax.train --config="$config" --workdir="$W" $DATA "${RECIPE[@]}" "$@" \
+      >> "$W/train.log" 2>&1 || { echo "   stopped (status $?): see $W/train.log; run again to resume"; exit 1; }
+  fi
+  if [ ! -f "$W/eval/test.json" ]; then
+    echo "== $name: eval on CoNSeP Test"
+    "$PY" -m dualunet_jax.eval --config="$config" --workdir="$W" --split=test $DATA \
+      --config.postprocess.workers=1 > "$W/eval.log" 2>&1 || { echo "   eval failed: see $W/eval.log"; exit 1; }
+  fi
+  if [ ! -f "$W/eval/test_robustness.json" ]; then
+    echo "== $name: the paper's robustness protocol (5 perturbed copies of Test)"
+    "$PY" -m dualunet_jax.eval --config="$config" --workdir="$W" --split=test --robustness=paper $DATA \
+      --config.postprocess.workers=1 > "$W/robustness.log" 2>&1 || { echo "   failed: see $W/robustness.log"; exit 1; }
+  fi
+  echo "== $name: done ($W/eval/test.json, test_robustness.json)"
+}
+
+ensemble() {  # ensemble NAME OUT_DIR FIRST OTHER: averaged maps of two finished runs on CoNSeP Test
+  local name=$1 out=$2 first=$3 other=$4
+  if [ -d "$first/checkpoints/1000" ] && [ -d "$other/checkpoints/1000" ] && [ ! -f "$out/test_ensemble.json" ]; then
+    echo "== $name: $first + $other on CoNSeP Test"
+    mkdir -p "$out"
+    "$PY" -m dualunet_jax.eval --config=configs/conic.py:consep --workdir="$first" --ensemble="$other" \
+      --output="$out" --split=test $DATA --config.postprocess.workers=1 > "$out/ensemble.log" 2>&1 \
+      || { echo "   failed: see $out/ensemble.log"; exit 1; }
+  fi
 }
 
 # Run A under the paper's robustness protocol, for the F1d-variance comparison (DualU-Net paper: 49 % lower).
@@ -59,44 +86,22 @@ if wanted consep_w25 "$@" && [ ! -f $A/eval/test_robustness.json ]; then
   fi
 fi
 
-for entry in "${RUNS[@]}"; do
-  IFS='|' read -r name config extra <<< "$entry"
-  wanted "$name" "$@" || continue
-  W=workdirs/$name
-  mkdir -p "$W"
-  if [ ! -d "$W/checkpoints/1000" ]; then
-    echo "== $name: training (resumes if $W holds checkpoints)"
-    # shellcheck disable=SC2086
-    "$PY" -m dualunet_jax.train --config="$config" --workdir="$W" $DATA "${RECIPE[@]}" $extra \
-      >> "$W/train.log" 2>&1 || { echo "   stopped (status $?): see $W/train.log; run again to resume"; exit 1; }
-  fi
-  if [ ! -f "$W/eval/test.json" ]; then
-    echo "== $name: eval on CoNSeP Test"
-    "$PY" -m dualunet_jax.eval --config="$config" --workdir="$W" --split=test $DATA \
-      --config.postprocess.workers=1 > "$W/eval.log" 2>&1 || { echo "   eval failed: see $W/eval.log"; exit 1; }
-  fi
-  if [ ! -f "$W/eval/test_robustness.json" ]; then
-    echo "== $name: the paper's robustness protocol (5 perturbed copies of Test)"
-    "$PY" -m dualunet_jax.eval --config="$config" --workdir="$W" --split=test --robustness=paper $DATA \
-      --config.postprocess.workers=1 > "$W/robustness.log" 2>&1 || { echo "   failed: see $W/robustness.log"; exit 1; }
-  fi
-  echo "== $name: done ($W/eval/test.json, test_robustness.json)"
-done
+C50=workdirs/conic_seresnext50_w25
+C101=workdirs/conic_seresnext101_w25
+HOVER=workdirs/hovernet_fast_w25
+wanted hovernet_fast_w25 "$@" && run_one hovernet_fast_w25 configs/hovernet_consep.py:fast
+wanted histonext_tiny_w25 "$@" && run_one histonext_tiny_w25 configs/histonext_consep.py
+wanted conic_seresnext50_w25 "$@" && run_one conic_seresnext50_w25 configs/conic.py:consep
+wanted conic_x_hovernet "$@" && ensemble conic_x_hovernet $C50/eval_x_hovernet $C50 $HOVER
+wanted conic_seresnext101_w25 "$@" && run_one conic_seresnext101_w25 configs/conic.py:consep \
+  --config.model.encoder=seresnext101_32x4d
+wanted conic_ensemble "$@" && ensemble conic_ensemble $C50/eval $C50 $C101
 
-# The CoNIC framework's inter-model level: both encoders' maps averaged, post-processed once.
-E=workdirs/conic_seresnext50_w25
-if wanted conic_ensemble "$@" && [ -d $E/checkpoints/1000 ] && [ -d workdirs/conic_seresnext101_w25/checkpoints/1000 ] \
-   && [ ! -f $E/eval/test_ensemble.json ]; then
-  echo "== conic_ensemble: SE-ResNeXt-50 + SE-ResNeXt-101 on CoNSeP Test"
-  "$PY" -m dualunet_jax.eval --config=configs/conic.py:consep --workdir=$E --ensemble=workdirs/conic_seresnext101_w25 \
-    --split=test $DATA --config.postprocess.workers=1 > $E/ensemble.log 2>&1 || { echo "   failed: see $E/ensemble.log"; exit 1; }
-fi
-
-# The table: every finished run beside run A (rows for runs not evaluated yet are left out).
+# The table: every finished run beside run A (runs not evaluated yet are left out).
 ROWS=()
-for W in workdirs/consep_w25 workdirs/hovernet_fast_w25 workdirs/histonext_tiny_w25 workdirs/conic_seresnext50_w25 \
-         workdirs/conic_seresnext101_w25; do
+for W in workdirs/consep_w25 $HOVER workdirs/histonext_tiny_w25 $C50 $C101; do
   [ -f $W/eval/test.json ] && ROWS+=("$W")
 done
-[ -f $E/eval/test_ensemble.json ] && ROWS+=("conic_ensemble=$E/eval/test_ensemble.json")
+[ -f $C50/eval_x_hovernet/test_ensemble.json ] && ROWS+=("conic50+hovernet=$C50/eval_x_hovernet/test_ensemble.json")
+[ -f $C50/eval/test_ensemble.json ] && ROWS+=("conic50+conic101=$C50/eval/test_ensemble.json")
 [ ${#ROWS[@]} -gt 0 ] && "$PY" -m dualunet_jax.compare "${ROWS[@]}" --markdown

@@ -144,3 +144,33 @@ def test_random_fill_keeps_dropout_streams_valid():
   assert not np.allclose(first['np'], second['np'])  # the dropout masks differ between calls
   model.eval()
   np.testing.assert_array_equal(model(image)['np'], model(image)['np'])
+
+
+def test_ensemble_of_two_methods_with_different_margins(fixtures_dir):
+  """CoNIC (same-size outputs) + HoVer-Net fast (46 px of context per side), as `eval --ensemble` and
+  benchmarks/run_a_budget.sh's conic_x_hovernet average them: each member sees the context it needs, and the
+  maps are the mean of each method's own whole-image maps."""
+  from configs import hovernet_consep
+  from dualunet_jax import evaluation, models
+  from dualunet_jax.data import consep
+  conic_config = conic.get_config()
+  conic_config.model.width_multiplier, conic_config.model.cardinality = 0.125, 1
+  hover_config = hovernet_consep.tiny(hovernet_consep.get_config('fast'))
+  hover_config.model.encoder_blocks = (1, 1, 1, 1)
+  members = []
+  for seed, config in enumerate((conic_config, hover_config)):
+    method = methods.get(config)
+    model = models.fill_random(method.abstract_model(config, 4), seed=seed)
+    model.eval()
+    members.append((method, model))
+  assert [base.margin_of(m) for _, m in members] == [0, 46]
+  images = consep.read_tile(fixtures_dir / 'imgs' / 'patch1.png', fixtures_dir / 'masks' / 'patch1.mat')['image']
+  images = jnp.asarray(images[None, :40, :48])
+  ensemble = evaluation.make_forward([m for _, m in members], member_methods=[meth for meth, _ in members])(images)
+  from flax import nnx
+  singles = [nnx.jit(meth.forward_maps)(m, images) for meth, m in members]
+  assert set(ensemble) == set(singles[0]) == set(singles[1])
+  for name, value in ensemble.items():
+    assert value.shape[:3] == (1, 40, 48)
+    np.testing.assert_allclose(np.asarray(value), (np.asarray(singles[0][name]) + np.asarray(singles[1][name])) / 2,
+                               atol=1e-5)
