@@ -165,6 +165,8 @@ def main(argv: Sequence[str]) -> None:
   steps = set(_STEPS.value)
   crops = consep_crops() if 'post' in steps else []
   results: dict[str, dict[str, float]] = {}
+  if any('=' not in pair for pair in _TRAINED.value):
+    raise app.UsageError(f'--trained takes ROW=WORKDIR pairs, got {_TRAINED.value}')
   trained = dict(pair.split('=', 1) for pair in _TRAINED.value)
   unknown = set(trained) - set(_ROWS.value)
   if unknown:
