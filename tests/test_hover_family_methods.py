@@ -4,6 +4,7 @@ parameter counts by abstract evaluation, and the shared loss / maps / TTA contra
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from configs import conic, histonext_consep
 from dualunet_jax import methods
@@ -167,7 +168,6 @@ def test_ensemble_of_two_methods_with_different_margins(fixtures_dir):
   images = consep.read_tile(fixtures_dir / 'imgs' / 'patch1.png', fixtures_dir / 'masks' / 'patch1.mat')['image']
   images = jnp.asarray(images[None, :40, :48])
   ensemble = evaluation.make_forward([m for _, m in members], member_methods=[meth for meth, _ in members])(images)
-  from flax import nnx
   singles = [nnx.jit(meth.forward_maps)(m, images) for meth, m in members]
   assert set(ensemble) == set(singles[0]) == set(singles[1])
   for name, value in ensemble.items():
