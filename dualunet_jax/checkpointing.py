@@ -74,11 +74,16 @@ def _single_replica_saves_on_cpu() -> None:
   The written checkpoint is the same.
   """
   if all(d.platform == 'cpu' for d in jax.devices()):
+    # The replacement keeps the default handler's ArrayMetadata store: a PyTree handler made before the
+    # override (a resume restores before its first save) expects the metadata that store writes, and a save
+    # without it failed ("No ArrayMetadata found for process_index=0").
+    store = getattr(ocp.type_handlers.get_type_handler(jax.Array), '_array_metadata_store', None)
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)  # Orbax warns on every override of a default handler
     try:
       ocp.type_handlers.register_type_handler(
-          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False, array_metadata_store=store),
+          override=True)
     finally:
       logging.set_verbosity(verbosity)
 
@@ -88,6 +93,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, best_mode: str = 'max'):
     workdir = pathlib.Path(workdir).absolute()
+    _single_replica_saves_on_cpu()  # before any Orbax handler exists, so restores and saves see one registry
     items = ('model', 'optimizer', 'meta')
     self.periodic = ocp.CheckpointManager(
         workdir / PERIODIC_DIR, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
