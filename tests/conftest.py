@@ -44,36 +44,33 @@ def fixtures_dir(shared_data) -> pathlib.Path:
 def consep_official(shared_data) -> pathlib.Path:
   """The real CoNSeP in its official layout (`Train/`, `Test/`), assembled once into `.data/CoNSeP`
   (git-ignored) and reused by later runs. One test worker builds it under a file lock while the others wait
-  (each building its own copy cost CI's two cores ~70 s of CPU twice), its two splits in two processes, in a
-  temporary folder renamed into place: no one sees a half-written copy."""
+  (each building its own copy cost CI's two cores ~70 s of CPU twice), on all cores with the GPU suite's
+  assembler (the crops' own script does the pixel work), in a temporary folder renamed into place: no one
+  sees a half-written copy."""
   import fcntl
   import shutil
-  import subprocess
   import sys
   import tempfile
   out = REPO / '.data' / 'CoNSeP'
-  if (out / 'Test' / 'Labels' / 'test_14.mat').is_file():
+  last_file = out / 'Test' / 'Labels' / 'test_14.mat'
+  if last_file.is_file():
     return out
   script = shared_data / 'consep' / 'assemble_consep.py'
   if not script.is_file():
     pytest.skip(f'{script} is absent')
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import _suite_data
   out.parent.mkdir(parents=True, exist_ok=True)
   with open(out.parent / '.consep.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-    if (out / 'Test' / 'Labels' / 'test_14.mat').is_file():  # built by the worker that held the lock
+    if last_file.is_file():  # built by the worker that held the lock
       return out
     if out.exists():
-      raise RuntimeError(f'{out} exists without Test/Labels/test_14.mat (a partial copy?): remove it, the tests '
-                         f'rebuild it from {script}')
+      raise RuntimeError(f'{out} exists without {last_file.relative_to(out)} (a partial copy?): remove it, the '
+                         f'tests rebuild it from {script}')
     tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix='.consep-'))
     try:
-      builders = [subprocess.Popen([sys.executable, str(script), '--out', str(tmp), '--splits', split],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                  for split in ('Train', 'Test')]
-      for builder in builders:
-        _, err = builder.communicate()
-        if builder.returncode:
-          raise RuntimeError(f'{script} failed: {err.decode(errors="replace").strip()[-500:]}')
+      _suite_data.assemble_consep(script.parent, tmp)
       tmp.rename(out)
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
